@@ -1,0 +1,1 @@
+"""Thin command-line programs (importable as ``ifp_mlx.apps``)."""

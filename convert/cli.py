@@ -1,0 +1,56 @@
+"""``ifp-convert``: command-line front end of :func:`ifp_mlx.convert.convert`."""
+
+import argparse
+import sys
+
+from ..errors import cli_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ifp-convert",
+        description="Convert a torch/safetensors/GGUF checkpoint into an ifp-mlx model folder.",
+    )
+    p.add_argument("source", help="HF folder, .gguf, .safetensors/.bin/.pt file, or hub repo id")
+    p.add_argument("output", help="output folder (written atomically)")
+    p.add_argument("--config", help="config.json for a bare state dict")
+    p.add_argument("--tokenizer", help="folder with tokenizer files (default: the source's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize weights")
+    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument(
+        "--permute-units",
+        metavar="TEXT_FILE",
+        help="reorder FFN units by co-activation on this calibration text",
+    )
+    p.add_argument("--revision", help="hub revision (for a repo id)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    with cli_errors("ifp-convert"):
+        from .core import convert
+
+        summary = convert(
+            args.source,
+            args.output,
+            config=args.config,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            permute_units_text=args.permute_units,
+            force=args.force,
+            revision=args.revision,
+            progress=not args.no_progress,
+        )
+        print(summary.line())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,229 @@
+"""The conversion pipeline: read → map names → fix config → unit-major FFN → (permute) →
+(quantize) → write atomically."""
+
+import contextlib
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+from tqdm import tqdm
+
+from ..errors import IFPError
+from ..model import FORMAT_VERSION, find_ffns, to_unit_major
+from .config import fix_config
+from .gguf_reader import read_gguf
+from .layout import calibration_activations, coactivation_order, permute_units
+from .readers import (
+    TORCH_SUFFIXES,
+    Checkpoint,
+    copy_tokenizer_files,
+    read_folder,
+    read_state_dict,
+)
+from .writer import atomic_folder, check_output
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+Q_BITS = (4, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class Summary:
+    output: str
+    model_type: str
+    params: int
+    bytes: int
+    dtype: str
+    bits: Optional[int]
+    group_size: Optional[int]
+    seconds: float
+
+    def line(self) -> str:
+        q = f"{self.bits}-bit g{self.group_size}" if self.bits else self.dtype
+        return (
+            f"converted {self.model_type}: {self.params / 1e6:.1f}M params, "
+            f"{self.bytes / 2**20:.1f} MiB, {q}, {self.seconds:.1f} s -> {self.output}"
+        )
+
+
+def _bar(progress: bool, desc: str):
+    return lambda it: tqdm(it, desc=desc, disable=not progress, leave=False, unit="t")
+
+
+def read_source(
+    source: Union[str, Path],
+    config: Optional[Path] = None,
+    revision: Optional[str] = None,
+    progress: bool = True,
+) -> Checkpoint:
+    """Dispatch on what ``source`` is: folder, GGUF, bare state dict, or hub repo id."""
+    path = Path(source)
+    bar = _bar(progress, "read")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return read_gguf(ggufs[0], bar)
+        return read_folder(path, bar)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return read_gguf(path, bar)
+        if path.suffix in TORCH_SUFFIXES + (".safetensors",):
+            return read_state_dict(path, config)
+        raise IFPError(f"unknown input type {path.name} (want a folder, .gguf, .safetensors, .bin, .pt)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
+        return read_folder(_download(str(source), revision), bar)
+    raise IFPError(f"no such file or folder: {source}")
+
+
+def _download(repo: str, revision: Optional[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise IFPError(f"cannot download {repo} from the hub: {str(e).splitlines()[0][:200]}")
+
+
+def build_model(config: dict) -> nn.Module:
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError:
+        raise IFPError(f"unknown model_type {config.get('model_type')!r}: mlx-lm has no such family")
+    try:
+        return model_class(args_class.from_dict(config))
+    except Exception as e:
+        raise IFPError(f"config does not describe a valid {config['model_type']} model: {e!r}"[:300])
+
+
+def check_weights(model: nn.Module, weights: dict) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in expected:
+            raise IFPError(f"unexpected tensor {name!r} for this {type(model).__module__.split('.')[-1]} config")
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise IFPError(
+                f"tensor shape mismatch: {name} is {tuple(w.shape)} in the checkpoint, "
+                f"the config implies {tuple(expected[name].shape)}"
+            )
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise IFPError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+
+
+def _check_options(dtype: str, quantize: bool, q_bits: int, q_group_size: int) -> None:
+    if dtype not in DTYPES:
+        raise IFPError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if quantize and q_bits not in Q_BITS:
+        raise IFPError(f"--q-bits must be 4 or 8, not {q_bits}")
+    if quantize and q_group_size not in Q_GROUP_SIZES:
+        raise IFPError(f"--q-group-size must be 32, 64 or 128, not {q_group_size}")
+
+
+def _calibration_tokens(path: Path, tokenizer_dir: Path, max_tokens: int = 512):
+    from mlx_lm.utils import load_tokenizer
+
+    if not Path(path).is_file():
+        raise IFPError(f"calibration text {path} does not exist")
+    text = Path(path).read_text(errors="replace").strip()
+    if not text:
+        raise IFPError(f"calibration text {path} is empty")
+    tokens = load_tokenizer(tokenizer_dir).encode(text)[:max_tokens]
+    if len(tokens) < 8:
+        raise IFPError(f"calibration text {path} is too short ({len(tokens)} tokens)")
+    return tokens
+
+
+def _write_tokenizer(ckpt: Checkpoint, tokenizer: Optional[Path], dst: Path) -> None:
+    src = tokenizer if tokenizer is not None else ckpt.tokenizer
+    if callable(src):
+        src(dst)
+    elif src is None:
+        raise IFPError("missing tokenizer: pass --tokenizer FOLDER")
+    else:
+        copy_tokenizer_files(Path(src), dst)
+
+
+def convert(
+    source: Union[str, Path],
+    output: Union[str, Path],
+    *,
+    config: Optional[Union[str, Path]] = None,
+    tokenizer: Optional[Union[str, Path]] = None,
+    dtype: str = "float32",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    permute_units_text: Optional[Union[str, Path]] = None,
+    force: bool = False,
+    revision: Optional[str] = None,
+    progress: bool = True,
+) -> Summary:
+    """Convert a checkpoint into an ifp-mlx model folder. Returns a :class:`Summary`."""
+    start = time.perf_counter()
+    output = Path(output)
+    _check_options(dtype, quantize, q_bits, q_group_size)
+    check_output(output, force)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise IFPError(f"--tokenizer {tokenizer} is not a folder")
+
+    ckpt = read_source(source, Path(config) if config else None, revision, progress)
+    cfg = fix_config(ckpt.config)
+    model = build_model(cfg)
+    weights = model.sanitize(ckpt.weights) if hasattr(model, "sanitize") else ckpt.weights
+    check_weights(model, weights)
+    target = DTYPES[dtype]
+    weights = {
+        k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()))
+    del weights, ckpt.weights
+    mx.eval(model.parameters())
+    ffn_paths = to_unit_major(model)
+    if not ffn_paths:
+        raise IFPError(f"{cfg['model_type']} has no gate/up/down FFN that ifp-mlx can slice")
+
+    with atomic_folder(output, force) as tmp:
+        _write_tokenizer(ckpt, Path(tokenizer) if tokenizer else None, tmp)
+        if permute_units_text is not None:
+            tokens = _calibration_tokens(Path(permute_units_text), tmp)
+            acts = calibration_activations(model, tokens)
+            bar = _bar(progress, "permute")
+            permute_units(model, [coactivation_order(a) for a in bar(acts)])
+        quant = None
+        if quantize:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model, cfg = quantize_model(model, cfg, q_group_size, q_bits)
+            quant = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"}
+        cfg["ifp"] = {
+            "format_version": FORMAT_VERSION,
+            "ffn_layout": "unit-major",
+            "down_proj": "stored (units, hidden); quantized along hidden",
+            "ffn_units": [m.gate_proj.weight.shape[0] for _, m in find_ffns(model)],
+            "dtype": dtype,
+            "quantization": quant,
+            "permuted_units": permute_units_text is not None,
+            "source": Path(str(source)).name,
+        }
+        save_model(tmp, model)
+        save_config(cfg, tmp / "config.json")
+        params = dict(tree_flatten(model.parameters()))
+        n_bytes = sum(v.nbytes for v in params.values())
+        from mlx_lm.utils import get_total_parameters
+
+        n_params = get_total_parameters(model)
+
+    return Summary(
+        str(output), cfg["model_type"], n_params, n_bytes, dtype,
+        q_bits if quantize else None, q_group_size if quantize else None,
+        time.perf_counter() - start,
+    )

@@ -1,0 +1,168 @@
+"""Checkpoint readers: each returns ``Checkpoint(weights, config, tokenizer)``.
+
+Weights come back as ``name -> mx.array`` in the checkpoint's own (Hugging Face) names and
+dtypes; mlx-lm's ``sanitize`` maps them later. Pickles are read with
+``torch.load(weights_only=True)`` only, so a checkpoint can never run code.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import IFPError
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    weights: Dict[str, mx.array]
+    config: dict
+    # Either a folder holding tokenizer files, or a callable that writes them into a folder.
+    tokenizer: Optional[object] = None
+    source: str = ""
+    notes: List[str] = field(default_factory=list)
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise IFPError(f"missing config: {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IFPError(f"garbled config {path}: not valid JSON ({e})")
+    if not isinstance(config, dict):
+        raise IFPError(f"garbled config {path}: expected a JSON object")
+    if "model_type" not in config:
+        raise IFPError(f"config {path} has no 'model_type'")
+    return config
+
+
+def _torch_to_mx(t) -> mx.array:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
+def load_torch_file(path: Path) -> Dict[str, mx.array]:
+    """A plain tensor state dict, refusing anything that is not just tensors."""
+    try:
+        import torch
+    except ImportError:
+        raise IFPError(
+            f"reading {path.name} needs torch: pip install 'ifp-mlx[torch]' "
+            "(safetensors and GGUF inputs do not)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IFPError(f"cannot read {path} as a tensor state dict: {first[:200]}")
+    if isinstance(obj, dict) and len(obj) == 1:
+        inner = next(iter(obj.values()))
+        if isinstance(inner, dict):  # {"state_dict": {...}} / {"model": {...}}
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise IFPError(f"{path} holds a {type(obj).__name__}, not a tensor state dict")
+    out = {}
+    for name, t in obj.items():
+        if not isinstance(t, torch.Tensor):
+            raise IFPError(
+                f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor"
+            )
+        out[name] = _torch_to_mx(t)
+    return out
+
+
+def load_safetensors_file(path: Path) -> Dict[str, mx.array]:
+    try:
+        return dict(mx.load(str(path)))
+    except Exception as e:
+        raise IFPError(f"cannot read {path} as safetensors: {str(e)[:200]}")
+
+
+def load_weight_file(path: Path) -> Dict[str, mx.array]:
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return load_torch_file(path)
+    raise IFPError(f"unknown weight file type: {path.name}")
+
+
+def _weight_files(folder: Path) -> List[Path]:
+    """Weight files of an HF folder, preferring safetensors, honouring shard indexes."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise IFPError(f"garbled shard index {index}: {e}")
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise IFPError(f"{index} lists missing shard {missing[0]}")
+            return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+        if (folder / name).is_file():
+            return [folder / name]
+    singles = sorted(folder.glob("*.safetensors")) or sorted(
+        p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES
+    )
+    if not singles:
+        raise IFPError(f"no weights in {folder} (expected *.safetensors or pytorch_model.bin)")
+    return singles
+
+
+def read_folder(folder: Path, progress: Callable = iter) -> Checkpoint:
+    """A Hugging Face style folder: config.json + weights (+ tokenizer files)."""
+    config = read_config(folder / "config.json")
+    weights: Dict[str, mx.array] = {}
+    for f in progress(_weight_files(folder)):
+        weights.update(load_weight_file(f))
+    return Checkpoint(weights, config, tokenizer=folder, source=str(folder))
+
+
+def read_state_dict(path: Path, config_path: Optional[Path]) -> Checkpoint:
+    """A bare state dict file (.pt/.pth/.bin/.safetensors) plus a config.json."""
+    if config_path is None:
+        config_path = path.parent / "config.json"
+        if not config_path.is_file():
+            raise IFPError(f"{path.name} is a bare state dict: pass --config config.json")
+    config = read_config(config_path)
+    return Checkpoint(
+        load_weight_file(path), config, tokenizer=config_path.parent, source=str(path)
+    )
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> List[str]:
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise IFPError(
+            f"missing tokenizer: no tokenizer.json / tokenizer.model / vocab.json in {src} "
+            "(pass --tokenizer FOLDER)"
+        )
+    return copied

@@ -1,0 +1,197 @@
+"""IFP layers: FFNs stored unit-major so any subset of units is one row gather.
+
+mlx-lm's MLPs compute ``down_proj(act(gate_proj(x)) * up_proj(x))``. ``gate_proj`` and
+``up_proj`` already hold one row per FFN unit; only ``down_proj`` holds a unit per *column*.
+We replace it by :class:`UnitLinear` (weight ``(units, hidden)``, quantized along ``hidden``)
+so gate, up and down all slice with the same row gather, for float and quantized weights,
+without requantizing. The MLP's own ``__call__`` is untouched, so every mlx-lm family with a
+gate/up/down MLP works with no family-specific code.
+"""
+
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+FORMAT_VERSION = 1
+
+
+class UnitLinear(nn.Module):
+    """``y = x @ W (+ b)`` with ``W`` of shape ``(units, output_dims)``: a unit-major down_proj."""
+
+    def __init__(self, units: int, output_dims: int, bias: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((units, output_dims))
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+
+    @property
+    def units(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self["weight"]
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "UnitLinear":
+        out_dims, units = linear.weight.shape
+        layer = cls(units, out_dims, bias="bias" in linear)
+        layer.weight = mx.contiguous(linear.weight.T)
+        if "bias" in linear:
+            layer.bias = linear.bias
+        return layer
+
+    def to_quantized(
+        self,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = "affine",
+        **_,
+    ) -> "QuantizedUnitLinear":
+        return QuantizedUnitLinear.from_unit_linear(self, group_size, bits, mode)
+
+
+class QuantizedUnitLinear(nn.Module):
+    """Quantized :class:`UnitLinear`: each unit row has its own scales, so rows slice losslessly."""
+
+    def __init__(
+        self,
+        units: int,
+        output_dims: int,
+        bias: bool = False,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
+    ):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, *biases = mx.quantize(
+            mx.zeros((units, output_dims)), group_size, bits, mode=mode
+        )
+        self.biases = biases[0] if biases else None
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.freeze()
+
+    @property
+    def units(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(
+            x,
+            self["weight"],
+            scales=self["scales"],
+            biases=self.get("biases"),
+            transpose=False,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+    @classmethod
+    def from_unit_linear(cls, layer: UnitLinear, group_size, bits, mode="affine"):
+        units, out_dims = layer.weight.shape
+        q = cls(units, out_dims, "bias" in layer, group_size or 64, bits or 4, mode)
+        q.weight, q.scales, *biases = mx.quantize(
+            layer.weight, q.group_size, q.bits, mode=mode
+        )
+        q.biases = biases[0] if biases else None
+        if "bias" in layer:
+            q.bias = layer.bias
+        return q
+
+
+def is_ffn(module: nn.Module) -> bool:
+    """A gate/up/down MLP whose units we can slice (dense or quantized, either down layout)."""
+    linear = (nn.Linear, nn.QuantizedLinear, UnitLinear, QuantizedUnitLinear)
+    return all(
+        isinstance(getattr(module, name, None), linear)
+        for name in ("gate_proj", "up_proj", "down_proj")
+    )
+
+
+def find_ffns(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(path, mlp) of every sliceable FFN, in layer order."""
+    found = [(p, m) for p, m in model.named_modules() if p and is_ffn(m)]
+
+    def order(item):
+        return [int(s) if s.isdigit() else -1 for s in item[0].split(".")]
+
+    return sorted(found, key=order)
+
+
+def to_unit_major(model: nn.Module) -> List[str]:
+    """Swap every FFN's ``down_proj`` for a :class:`UnitLinear`; returns the FFN paths."""
+    paths = []
+    for path, mlp in find_ffns(model):
+        if isinstance(mlp.down_proj, nn.Linear):
+            mlp.down_proj = UnitLinear.from_linear(mlp.down_proj)
+        paths.append(path)
+    return paths
+
+
+_CLASSES = {}
+
+
+def ifp_model_class(base: type) -> type:
+    """The mlx-lm ``Model`` class ``base`` with unit-major FFNs (built once per family)."""
+    if base not in _CLASSES:
+
+        def __init__(self, args):
+            base.__init__(self, args)
+            to_unit_major(self)
+
+        _CLASSES[base] = type(f"IFP{base.__name__}", (base,), {"__init__": __init__})
+    return _CLASSES[base]
+
+
+class Tap(nn.Module):
+    """Wraps an FFN's down projection to record and/or mask its input (the unit activations).
+
+    Used for scoring (activation predictor, calibration) and for masked-dense reference
+    models in tests; never present in a model that is decoding.
+    """
+
+    def __init__(self, inner: nn.Module, record: Optional[list], mask: Optional[mx.array]):
+        super().__init__()
+        self.inner = inner
+        # Plain attributes, not module children: they are not parameters.
+        object.__setattr__(self, "_record", record)
+        object.__setattr__(self, "_mask", mask)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._record is not None:
+            self._record.append(x)
+        if self._mask is not None:
+            x = x * self._mask
+        return self.inner(x)
+
+
+class tap_ffns:
+    """``with tap_ffns(model, record=True, masks=None) as records:`` — records[l] is a list of
+    the activation inputs ``act(gate) * up`` that layer l's down projection saw."""
+
+    def __init__(self, model: nn.Module, record: bool = True, masks=None):
+        self.ffns = [m for _, m in find_ffns(model)]
+        self.record = record
+        self.masks = masks
+
+    def __enter__(self) -> List[list]:
+        self.records = [[] for _ in self.ffns]
+        for i, mlp in enumerate(self.ffns):
+            mask = None if self.masks is None else self.masks[i]
+            rec = self.records[i] if self.record else None
+            mlp.down_proj = Tap(mlp.down_proj, rec, mask)
+        return self.records
+
+    def __exit__(self, *exc):
+        for mlp in self.ffns:
+            mlp.down_proj = mlp.down_proj.inner
+        return False

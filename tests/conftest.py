@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random HF models (seconds) and the bundled real SmolLM2 (cached)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_tiny_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cache_root(tmp_path_factory) -> Path:
+    """Persistent across runs when IFP_TEST_CACHE is set (real-model fixtures take ~1 min)."""
+    env = os.environ.get("IFP_TEST_CACHE")
+    if env:
+        Path(env).mkdir(parents=True, exist_ok=True)
+        return Path(env)
+    return tmp_path_factory.getbasetemp() / "ifp-cache"
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    from ifp_mlx.bundled import bundled_gguf
+
+    return bundled_gguf()
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_gguf, tmp_path_factory) -> Path:
+    """Real HF torch checkpoints (bin / safetensors / sharded) of SmolLM2, fp32."""
+    from tests.fixtures.make_hf_checkpoints import make
+
+    return make(smol_gguf, _cache_root(tmp_path_factory) / "smol-hf")
+
+
+def _converted(name, tmp_path_factory, source, **kw) -> Path:
+    from ifp_mlx.convert import convert
+
+    out = _cache_root(tmp_path_factory) / name
+    if not (out / "config.json").is_file():
+        convert(source, out, force=True, progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_f32(smol_hf, tmp_path_factory) -> Path:
+    return _converted("smol-f32-bin", tmp_path_factory, smol_hf / "bin")
+
+
+@pytest.fixture(scope="session")
+def smol_q4(smol_gguf, tmp_path_factory) -> Path:
+    return _converted("smol-q4", tmp_path_factory, smol_gguf, quantize=True, q_bits=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_hf("llama", tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,104 @@
+"""Tiny random Hugging Face models for fast tests, written as ordinary HF folders."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 96
+
+
+def tiny_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(str(folder))
+
+
+def tiny_config(family: str):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "llama":
+        return LlamaConfig(num_hidden_layers=2, rope_theta=50000.0, tie_word_embeddings=False, **common)
+    if family == "qwen2":
+        return Qwen2Config(num_hidden_layers=2, rope_theta=20000.0, tie_word_embeddings=True, **common)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(
+            num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common
+        )
+    raise ValueError(family)
+
+
+def make_tiny_hf(family: str, folder: Path, seed: int = 0, safe: bool = True) -> Path:
+    """A random tiny model of ``family`` saved with save_pretrained (safetensors or .bin)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).float().eval()
+    with torch.no_grad():  # non-trivial norms so mapping mistakes show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(folder), safe_serialization=safe)
+    tiny_tokenizer(folder)
+    return folder
+
+
+def torch_logits(folder: Path, tokens) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def mlx_logits(model, tokens) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(model(mx.array(tokens)[None])[0].astype(mx.float32))
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def torch_greedy(model, ids, n: int):
+    """n greedy tokens from a transformers model, never stopping at EOS (like generate_step)."""
+    import torch
+
+    out, past, x = [], None, torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            res = model(x, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            x = torch.tensor([[nxt]])
+    return out
+
+
+def mlx_greedy(model, ids, n: int):
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(mx.array(ids), model)
+    return [int(t) for (t, _), _ in zip(steps, range(n))]
