@@ -145,7 +145,7 @@ def read_state_dict(path: Path, config_path: Optional[Path]) -> Checkpoint:
     if config_path is None:
         config_path = path.parent / "config.json"
         if not config_path.is_file():
-            raise IFPError(f"{path.name} is a bare state dict: pass --config config.json")
+            raise IFPError(f"missing config: {path.name} is a bare state dict, pass --config config.json")
     config = read_config(config_path)
     return Checkpoint(
         load_weight_file(path), config, tokenizer=config_path.parent, source=str(path)

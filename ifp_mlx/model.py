@@ -95,6 +95,17 @@ class QuantizedUnitLinear(nn.Module):
             y = y + self["bias"]
         return y
 
+    def dequantized(self) -> UnitLinear:
+        units, _ = self.weight.shape
+        w = mx.dequantize(
+            self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode
+        )
+        layer = UnitLinear(units, w.shape[1], bias="bias" in self)
+        layer.weight = w
+        if "bias" in self:
+            layer.bias = self.bias
+        return layer
+
     @classmethod
     def from_unit_linear(cls, layer: UnitLinear, group_size, bits, mode="affine"):
         units, out_dims = layer.weight.shape
@@ -106,6 +117,16 @@ class QuantizedUnitLinear(nn.Module):
         if "bias" in layer:
             q.bias = layer.bias
         return q
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Float copy of every quantized layer in place (reference models in tests and evals)."""
+    from mlx_lm.utils import dequantize_model
+
+    for _, mlp in find_ffns(model):
+        if isinstance(mlp.down_proj, QuantizedUnitLinear):
+            mlp.down_proj = mlp.down_proj.dequantized()
+    return dequantize_model(model)
 
 
 def is_ffn(module: nn.Module) -> bool:

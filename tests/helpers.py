@@ -57,7 +57,13 @@ def make_tiny_hf(family: str, folder: Path, seed: int = 0, safe: bool = True) ->
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(str(folder), safe_serialization=safe)
+    model.save_pretrained(str(folder))
+    if not safe:  # transformers 5 writes safetensors only; a .bin is a plain torch.save
+        sd = {k: v for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        torch.save(sd, Path(folder) / "pytorch_model.bin")
+        (Path(folder) / "model.safetensors").unlink()
     tiny_tokenizer(folder)
     return folder
 

@@ -1,0 +1,168 @@
+"""Bad inputs to ifp-convert: one clear stderr line, exit != 0, no partial or touched output."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ifp_mlx.convert import cli, core
+from tests.helpers import make_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def tiny_bin(tmp_path_factory) -> Path:
+    return make_tiny_hf("llama", tmp_path_factory.mktemp("tiny-bin"), safe=False)
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*map(str, args), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code != 0
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def no_leftovers(parent: Path, name: str):
+    return not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_missing_config(tiny_bin, tmp_path, capsys):
+    src = copy(tiny_bin, tmp_path / "src")
+    (src / "config.json").unlink()
+    assert "missing config" in run_cli(capsys, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_garbled_config(tiny_bin, tmp_path, capsys):
+    src = copy(tiny_bin, tmp_path / "src")
+    (src / "config.json").write_text("{ not json")
+    assert "garbled config" in run_cli(capsys, src, tmp_path / "out")
+
+
+def test_unknown_model_type(tiny_bin, tmp_path, capsys):
+    src = copy(tiny_bin, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "no_such_family"
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert "unknown model_type 'no_such_family'" in run_cli(capsys, src, tmp_path / "out")
+
+
+def test_truncated_pickle(tiny_bin, tmp_path, capsys):
+    src = copy(tiny_bin, tmp_path / "src")
+    data = (src / "pytorch_model.bin").read_bytes()
+    (src / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    assert "cannot read" in run_cli(capsys, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+class Boom:
+    """A pickle payload that would create a file if it were ever executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_code_pickle_is_refused_never_executed(tiny_bin, tmp_path, capsys):
+    import torch
+
+    src = copy(tiny_bin, tmp_path / "src")
+    marker = tmp_path / "executed"
+    torch.save({"model.embed_tokens.weight": Boom(str(marker))}, src / "pytorch_model.bin")
+    err = run_cli(capsys, src, tmp_path / "out")
+    assert "cannot read" in err and "state dict" in err
+    assert not marker.exists()
+
+
+def test_non_tensor_pickle(tiny_bin, tmp_path, capsys):
+    import torch
+
+    src = copy(tiny_bin, tmp_path / "src")
+    torch.save({"a": 1, "b": "text"}, src / "pytorch_model.bin")
+    assert "not a tensor" in run_cli(capsys, src, tmp_path / "out")
+
+
+def test_tensor_shape_mismatch(tiny_bin, tmp_path, capsys):
+    src = copy(tiny_bin, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert "tensor shape mismatch" in run_cli(capsys, src, tmp_path / "out")
+
+
+def test_missing_tokenizer(tiny_bin, tmp_path, capsys):
+    src = copy(tiny_bin, tmp_path / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / name).unlink(missing_ok=True)
+    assert "missing tokenizer" in run_cli(capsys, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_bare_state_dict_needs_config(tiny_bin, tmp_path, capsys):
+    sd = tmp_path / "weights.pt"
+    shutil.copy(tiny_bin / "pytorch_model.bin", sd)
+    assert "--config" in run_cli(capsys, sd, tmp_path / "out")
+
+
+def test_bare_state_dict_with_config(tiny_bin, tmp_path, capsys):
+    sd = tmp_path / "weights.pt"
+    shutil.copy(tiny_bin / "pytorch_model.bin", sd)
+    cli.main([str(sd), str(tmp_path / "out"), "--config", str(tiny_bin / "config.json"),
+              "--tokenizer", str(tiny_bin), "--no-progress"])
+    assert "converted llama" in capsys.readouterr().out
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_existing_output_needs_force(tiny_bin, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "--force" in run_cli(capsys, tiny_bin, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_interrupted_write_leaves_nothing(tiny_bin, tmp_path, capsys, monkeypatch, exc):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real_save = core.save_model
+
+    def save_then_fail(path, model):
+        real_save(path, model)  # weights half-written into the temp folder
+        raise exc("disk full" if exc is OSError else None)
+
+    monkeypatch.setattr(core, "save_model", save_then_fail)
+    if exc is KeyboardInterrupt:
+        run_cli(capsys, tiny_bin, out, "--force")
+    else:
+        with pytest.raises(OSError):
+            core.convert(tiny_bin, out, force=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_bad_options(tiny_bin, tmp_path, capsys):
+    assert "no such file" in run_cli(capsys, tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(core.IFPError, match="q-group-size"):
+        core.convert(tiny_bin, tmp_path / "out", quantize=True, q_group_size=48)
+
+
+def test_python_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "ifp_mlx.convert", "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "ifp-convert" in res.stdout
