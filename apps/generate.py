@@ -1,21 +1,33 @@
-"""``ifp-generate``: answer one prompt and exit."""
+"""``ifp-generate``: answer one prompt with per-prompt FFN pruning and exit."""
 
 import argparse
+import sys
 
 from ..errors import cli_errors
+from .common import add_model_flags, check_flags, sampler_from
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-generate", description="Answer one prompt.")
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p = argparse.ArgumentParser(prog="ifp-generate", description="Answer one prompt, pruned.")
+    p.add_argument("--prompt", required=True, help="the user message ('-' reads stdin)")
+    add_model_flags(p)
     args = p.parse_args(argv)
     with cli_errors("ifp-generate"):
-        from .. import generate, load
+        check_flags(args)
+        from .. import load
+        from ..generate import stream_generate
 
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, tokenizer = load(args.model)
-        generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, verbose=True)
+        last = None
+        for resp in stream_generate(model, tokenizer, prompt, keep=args.keep,
+                                    predictor=args.predictor, max_tokens=args.max_tokens,
+                                    sampler=sampler_from(args)):
+            print(resp.text, end="", flush=True)
+            last = resp
+        print()
+        if last is not None:
+            print(last.ifp.line(), file=sys.stderr)
 
 
 if __name__ == "__main__":

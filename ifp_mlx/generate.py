@@ -1,23 +1,36 @@
-"""One-shot generation with the chat template applied, on top of mlx-lm's generate loop."""
+"""Generation with per-prompt pruning, wrapping mlx-lm's generate loop.
 
-from typing import List, Union
+Per prompt: the predictor scores units (the activation predictor does so during a dense
+prefill that fills the KV cache), the kept units are materialized once, and mlx-lm's own loop
+then prefills the rest and decodes on the compact model. Nothing IFP-specific runs per token.
+"""
 
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Union
+
+import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm import generate as _mlx_generate
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import stream_generate as _mlx_stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import IFPError
+from .selection import Budget, Selection
+
+Prompt = Union[str, List[int], List[dict]]
 
 
-def prompt_tokens(tokenizer, prompt: Union[str, List[int], List[dict]], chat: bool = True) -> List[int]:
+def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
     """Token ids for ``prompt``: a user message (chat template applied), messages, or ids."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise IFPError("empty prompt")
         messages = [{"role": "user", "content": prompt}]
-    elif prompt and isinstance(prompt[0], dict):
-        messages = prompt
-    elif isinstance(prompt, list) and prompt:
-        return list(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        messages = list(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        return [int(t) for t in prompt]
     else:
         raise IFPError("empty prompt")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -25,14 +38,130 @@ def prompt_tokens(tokenizer, prompt: Union[str, List[int], List[dict]], chat: bo
     return tokenizer.encode("\n".join(m["content"] for m in messages))
 
 
+def context_length(model: nn.Module) -> Optional[int]:
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "max_seq_len", "context_length"):
+        if isinstance(getattr(args, name, None), int):
+            return getattr(args, name)
+    return None
+
+
+@dataclass
+class IFPStats:
+    """What pruning did and cost for one answer (times in ms, speeds in tokens/s)."""
+
+    keep: float = 1.0
+    predictor: str = "dense"
+    select_ms: float = 0.0  # scoring beyond the prefill + top-k
+    score_prefill_ms: float = 0.0  # the predictor's own pass (activation: the dense prefill)
+    materialize_ms: float = 0.0
+    materialize_gbps: float = 0.0
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    ttft_ms: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"[kept {100 * self.keep:.0f}% ({self.predictor}) | select {self.select_ms:.0f} ms | "
+            f"materialize {self.materialize_ms:.0f} ms | prompt {self.prompt_tps:.0f} tok/s | "
+            f"decode {self.generation_tps:.1f} tok/s | peak {self.peak_memory_gb:.2f} GB]"
+        )
+
+
+@dataclass
+class IFPResponse(GenerationResponse):
+    """mlx-lm's GenerationResponse plus the IFP stats of this answer."""
+
+    ifp: IFPStats = field(default_factory=IFPStats)
+
+
+def _is_dense(keep: Budget) -> bool:
+    return keep is not None and isinstance(keep, (int, float)) and float(keep) == 1.0
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    keep: Budget = None,
+    predictor="activation",
+    max_tokens: int = 256,
+    prompt_cache: Optional[list] = None,
+    reselect: bool = True,
+    **kwargs,
+) -> Iterator[IFPResponse]:
+    """Like ``mlx_lm.stream_generate`` but prunes the FFNs for this prompt first.
+
+    ``keep``: fraction of FFN units kept per layer (1.0 = dense), a per-layer list, or None for
+    the model folder's default budget. With ``reselect=False`` the current selection is kept
+    (multi-turn "first-turn" policy). ``kwargs`` go to mlx-lm (``sampler=``, ...).
+    """
+    from .selection import budget_units
+
+    tokens = prompt_tokens(tokenizer, prompt)
+    if max_tokens == 0:
+        raise IFPError("max_tokens must be non-zero")
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    limit = context_length(model)
+    used = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
+    if limit and used + len(tokens) >= limit:
+        raise IFPError(f"prompt is {used + len(tokens)} tokens, the model's context is {limit}")
+    budget_units(model.default_keep if keep is None else keep, model.ffn_units)  # validate early
+
+    stats = IFPStats(prompt_tokens=len(tokens))
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    rest = tokens
+    if _is_dense(keep):
+        model.dense()
+    elif reselect or model.selection is None:
+        sel: Selection = model.select(tokens, keep=keep, predictor=predictor, cache=cache)
+        stats.score_prefill_ms = sel.score_ms
+        stats.select_ms = sel.select_ms
+        stats.materialize_ms = sel.materialize_ms
+        stats.materialize_gbps = sel.materialize_gbps
+        rest = tokens[sel.prefilled :]
+    if model.selection is not None:
+        stats.keep, stats.predictor = model.selection.keep, model.selection.predictor
+    ttft_start = time.perf_counter() - tic
+
+    for resp in _mlx_stream_generate(
+        model, tokenizer, rest, max_tokens=max_tokens, prompt_cache=cache, **kwargs
+    ):
+        if resp.generation_tokens == 1 or stats.ttft_ms == 0.0:
+            rest_ms = len(rest) / resp.prompt_tps * 1e3 if resp.prompt_tps else 0.0
+            stats.ttft_ms = ttft_start * 1e3 + rest_ms
+            stats.prompt_tps = len(tokens) / (stats.ttft_ms / 1e3) if stats.ttft_ms else 0.0
+        stats.generation_tokens = resp.generation_tokens
+        stats.generation_tps = resp.generation_tps
+        stats.peak_memory_gb = resp.peak_memory
+        fields = {k: getattr(resp, k) for k in resp.__dataclass_fields__}
+        fields["prompt_tokens"], fields["prompt_tps"] = len(tokens), stats.prompt_tps
+        yield IFPResponse(**fields, ifp=stats)
+
+
 def generate(
     model: nn.Module,
     tokenizer,
-    prompt: Union[str, List[int], List[dict]],
+    prompt: Prompt,
+    keep: Budget = None,
+    predictor="activation",
     max_tokens: int = 256,
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """Answer ``prompt`` in one shot (greedy unless a ``sampler`` is given)."""
-    tokens = prompt_tokens(tokenizer, prompt)
-    return _mlx_generate(model, tokenizer, tokens, max_tokens=max_tokens, verbose=verbose, **kwargs)
+    """Answer ``prompt`` in one shot with the FFNs pruned for it (greedy unless ``sampler=``)."""
+    text, last = "", None
+    for resp in stream_generate(model, tokenizer, prompt, keep, predictor, max_tokens, **kwargs):
+        if verbose:
+            print(resp.text, end="", flush=True)
+        text += resp.text
+        last = resp
+    if verbose:
+        print()
+        if last is not None:
+            print(last.ifp.line())
+    return text

@@ -56,7 +56,7 @@ def load(
 
         path = default_model()
     path = _resolve(path)
-    read_ifp_config(path)
+    ifp_config = read_ifp_config(path)["ifp"]
 
     def classes(config):
         model_class, args_class = _get_classes(config)
@@ -66,5 +66,9 @@ def load(
         model, config = load_model(path, lazy=lazy, get_model_classes=classes)
     except (ValueError, FileNotFoundError) as e:
         raise IFPError(f"cannot load {path}: {str(e).splitlines()[0][:200]}")
+    object.__setattr__(model, "_ifp_config", ifp_config)
+    budget = ifp_config.get("budget")
+    if budget is not None and len(budget) != len(model.ffn_units):
+        raise IFPError(f"{path}: ifp budget has {len(budget)} layers, the model {len(model.ffn_units)}")
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer

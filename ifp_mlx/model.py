@@ -165,11 +165,13 @@ def ifp_model_class(base: type) -> type:
     """The mlx-lm ``Model`` class ``base`` with unit-major FFNs (built once per family)."""
     if base not in _CLASSES:
 
+        from .selection import IFPMixin
+
         def __init__(self, args):
             base.__init__(self, args)
             to_unit_major(self)
 
-        _CLASSES[base] = type(f"IFP{base.__name__}", (base,), {"__init__": __init__})
+        _CLASSES[base] = type(f"IFP{base.__name__}", (IFPMixin, base), {"__init__": __init__})
     return _CLASSES[base]
 
 

@@ -1,0 +1,101 @@
+"""``ifp-chat``: a streaming chat with per-prompt FFN pruning (like ``mlx_lm.chat``)."""
+
+import argparse
+import sys
+
+from ..errors import IFPError, cli_errors
+from .common import add_model_flags, check_flags, keep_arg, sampler_from
+
+HELP = """commands:
+  /keep F     keep fraction F of FFN units (e.g. /keep 0.3; applies from the next message)
+  /dense      use the full model
+  /stats      details of the last answer
+  /reset      start a new conversation
+  /help       this help
+  /quit       leave (also Ctrl-D)"""
+
+
+def _dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if sys.stdout.isatty() else text
+
+
+def command(conv, line: str, last) -> bool:
+    """Run an in-chat command; False means quit."""
+    name, _, arg = line.strip().partition(" ")
+    if name == "/quit":
+        return False
+    if name == "/help":
+        print(HELP)
+    elif name == "/dense":
+        conv.set_keep(1.0)
+        conv.model.dense()
+        print(_dim("[dense model]"))
+    elif name == "/keep":
+        try:
+            conv.set_keep(keep_arg(arg.strip()))
+        except argparse.ArgumentTypeError as e:
+            raise IFPError(str(e))
+        print(_dim(f"[keep {conv.keep} from the next message]"))
+    elif name == "/reset":
+        conv.reset()
+        print(_dim("[new conversation]"))
+    elif name == "/stats":
+        if last is None:
+            print(_dim("[no answer yet]"))
+        else:
+            for k, v in vars(last).items():
+                print(_dim(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}"))
+    else:
+        raise IFPError(f"unknown command {name} (try /help)")
+    return True
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="ifp-chat", description="Chat with a per-prompt pruned model.")
+    add_model_flags(p)
+    p.add_argument("--system", help="system prompt")
+    args = p.parse_args(argv)
+    with cli_errors("ifp-chat"):
+        check_flags(args)
+        from .. import load
+        from ..chat import Conversation
+
+        model, tokenizer = load(args.model)
+        keep = args.keep if args.keep is not None else model.default_keep
+        conv = Conversation(model, tokenizer, keep, args.predictor, args.policy, args.system)
+        sampler = sampler_from(args)
+    print(_dim(f"ifp-chat: keep {conv.keep}, predictor {conv.predictor}, policy {conv.policy}. "
+               "/help for commands."))
+    last = None
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not command(conv, line, last):
+                    break
+                continue
+            resp = None
+            try:
+                for resp in conv.ask(line, max_tokens=args.max_tokens, sampler=sampler):
+                    print(resp.text, end="", flush=True)
+                print()
+            except KeyboardInterrupt:
+                print(_dim(" [stopped]"))
+            if resp is not None:
+                last = resp.ifp
+                print(_dim(last.line()))
+        except IFPError as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Flags shared by ifp-chat and ifp-generate, and turning them into library objects."""
+
+import argparse
+
+
+def keep_arg(text: str):
+    """``0.5`` or a comma-separated per-layer list ``0.4,0.6,...``."""
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep must be a number or a list of numbers, not {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("keep is empty")
+    return values[0] if len(values) == 1 else values
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--keep", type=keep_arg, default=None,
+                   help="fraction of FFN units kept per layer, or a per-layer list (default: "
+                        "the model's budget, else 0.5; 1 = dense)")
+    p.add_argument("--predictor", default="activation", help="sparsity predictor")
+    p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampler_from(args):
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    return make_sampler(temp=args.temp, top_p=args.top_p)
+
+
+def check_flags(args) -> None:
+    """Validate flags before the (slow) model load, so mistakes fail fast."""
+    from ..chat import check_policy
+    from ..errors import IFPError
+    from ..predictors import get_predictor
+    from ..selection import check_keep
+
+    if args.keep is not None:
+        for k in args.keep if isinstance(args.keep, list) else [args.keep]:
+            check_keep(k)
+    get_predictor(args.predictor)
+    check_policy(args.policy)
+    if args.max_tokens == 0:
+        raise IFPError("--max-tokens must be non-zero")

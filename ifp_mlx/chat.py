@@ -1,0 +1,94 @@
+"""Multi-turn conversations with a KV cache kept across turns and a pruning policy.
+
+Policies:
+- ``first-turn`` (the paper): select from the first user message, keep that compact model for
+  the whole conversation; later turns only prefill their new tokens.
+- ``per-turn``: reselect on every new user message (the activation predictor scores the new
+  turn's tokens during their dense prefill, on top of the cached conversation).
+"""
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+import mlx.nn as nn
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import common_prefix_len
+
+from .errors import IFPError
+from .generate import IFPResponse, prompt_tokens, stream_generate
+from .predictors import get_predictor
+from .selection import Budget, budget_units
+
+POLICIES = ("first-turn", "per-turn")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise IFPError(f"unknown policy {policy!r} (have: {', '.join(POLICIES)})")
+    return policy
+
+
+@dataclass
+class Conversation:
+    model: nn.Module
+    tokenizer: object
+    keep: Budget = 0.5
+    predictor: str = "activation"
+    policy: str = "first-turn"
+    system: Optional[str] = None
+    messages: List[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_policy(self.policy)
+        get_predictor(self.predictor)
+        self.set_keep(self.keep)
+        self.reset()
+
+    def set_keep(self, keep: Budget) -> None:
+        budget_units(keep, self.model.ffn_units)  # validates
+        self.keep = keep
+        self._selected = False  # a new budget takes effect at the next user message
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = make_prompt_cache(self.model)
+        self.cache_tokens: List[int] = []
+        self._selected = False
+        self.model.dense()
+
+    def _new_tokens(self, full: List[int]) -> List[int]:
+        """Trim the cache back to what ``full`` shares with it; return what is left to feed."""
+        n = common_prefix_len(self.cache_tokens, full)
+        n = min(n, len(full) - 1)  # always feed at least one token
+        extra = self.cache[0].offset - n if hasattr(self.cache[0], "offset") else 0
+        if extra > 0:
+            if can_trim_prompt_cache(self.cache):
+                trim_prompt_cache(self.cache, extra)
+            else:
+                self.cache, n = make_prompt_cache(self.model), 0
+        return full[n:]
+
+    def ask(self, text: str, max_tokens: int = 512, **kwargs) -> Iterator[IFPResponse]:
+        """Stream the answer to a new user message; the answer is added to the conversation
+        even if the caller stops early (Ctrl-C)."""
+        if not text.strip():
+            raise IFPError("empty message")
+        messages = self.messages + [{"role": "user", "content": text}]
+        full = prompt_tokens(self.tokenizer, messages)
+        new = self._new_tokens(full)
+        dense = isinstance(self.keep, (int, float)) and float(self.keep) == 1.0
+        reselect = not dense and (self.policy == "per-turn" or not self._selected)
+        self.messages = messages
+        answer, generated = "", []
+        try:
+            for resp in stream_generate(
+                self.model, self.tokenizer, new, keep=self.keep, predictor=self.predictor,
+                max_tokens=max_tokens, prompt_cache=self.cache, reselect=reselect, **kwargs,
+            ):
+                self._selected = self._selected or reselect
+                answer += resp.text
+                generated.append(resp.token)
+                yield resp
+        finally:
+            self.messages.append({"role": "assistant", "content": answer})
+            self.cache_tokens = (full + generated)[: self.cache[0].offset]

@@ -1,0 +1,50 @@
+"""Sparsity predictors: prompt tokens → per-layer FFN unit scores (higher = keep).
+
+A predictor implements :class:`Predictor`. It may fill the prompt cache while scoring (the
+activation predictor runs the dense prefill anyway, so decoding reuses its KV cache); it says
+how many prompt tokens it left in the cache.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import IFPError
+
+
+@dataclass
+class Scores:
+    scores: List[mx.array]  # one (units,) array per FFN layer
+    prefilled: int = 0  # prompt tokens already written to the cache (densely)
+
+
+class Predictor(Protocol):
+    name: str
+
+    def score(self, model: nn.Module, tokens: List[int], cache: Optional[list]) -> Scores: ...
+
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(cls):
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_predictor(predictor) -> "Predictor":
+    """A predictor instance from a name or an object with ``score``."""
+    if hasattr(predictor, "score"):
+        return predictor
+    if predictor not in _REGISTRY:
+        raise IFPError(f"unknown predictor {predictor!r} (have: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[predictor]()
+
+
+def available() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+from . import activation  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,47 @@
+"""Training-free activation predictor (GRIFFIN, arXiv 2404.01365).
+
+Runs the dense prefill over the prompt (all but its last token, which the pruned model then
+feeds to start decoding) and scores unit j of each layer by the ℓ2 norm over prompt tokens of
+its activation ``act(gate)·up``, after normalizing each token's activation vector. The dense
+prefill fills the KV cache, so nothing is prefilled twice.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..model import tap_ffns
+from . import Scores, register
+
+PREFILL_STEP = 512
+
+
+def _sq_normalized(x: mx.array) -> mx.array:
+    """Σ over tokens of (z_t / ||z_t||)², per unit; x is (1, T, units)."""
+    x = x.astype(mx.float32)
+    norms = mx.sqrt((x * x).sum(-1, keepdims=True)) + 1e-6
+    return ((x / norms) ** 2).sum(axis=(0, 1))
+
+
+@register
+class ActivationPredictor:
+    name = "activation"
+
+    def score(self, model: nn.Module, tokens: List[int], cache: Optional[list]) -> Scores:
+        body = tokens[:-1] if len(tokens) > 1 else tokens
+        sums = None
+        with tap_ffns(model) as records:
+            for start in range(0, len(body), PREFILL_STEP):
+                chunk = mx.array(body[start : start + PREFILL_STEP])[None]
+                model(chunk, cache=cache)
+                part = [_sq_normalized(r.pop()) for r in records]
+                sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+                mx.eval(sums, [c.state for c in cache] if cache else [])
+        scores = [mx.sqrt(s) for s in sums]
+        prefilled = len(body) if cache is not None and len(tokens) > 1 else 0
+        if cache is not None and prefilled == 0:  # 1-token prompt: undo, let decode feed it
+            from mlx_lm.models.cache import trim_prompt_cache
+
+            trim_prompt_cache(cache, len(body))
+        return Scores(scores, prefilled)

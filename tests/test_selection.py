@@ -1,0 +1,139 @@
+"""Per-prompt selection and materialization on tiny random models (float and 4-bit)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import ifp_mlx
+from ifp_mlx.convert import convert
+from ifp_mlx.errors import IFPError
+from ifp_mlx.model import tap_ffns
+from ifp_mlx.selection import Selection, budget_units, top_units
+from tests.helpers import make_tiny_hf
+
+TOKENS = [5, 17, 40, 9, 33, 70, 12, 88, 41, 6, 23, 54]
+
+
+@pytest.fixture(scope="module", params=["float32", "q4"])
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sel")
+    src = make_tiny_hf("llama", root / "hf", seed=7)
+    q = request.param == "q4"
+    convert(src, root / "m", quantize=q, q_bits=4, q_group_size=32, progress=False)
+    return ifp_mlx.load(root / "m")
+
+
+def logits(model, tokens=TOKENS):
+    return model(mx.array(tokens)[None])[0]
+
+
+def masks_for(sel: Selection):
+    out = []
+    for idx, n in zip(sel.indices, sel.units):
+        m = np.zeros(n, np.float32)
+        m[idx] = 1.0
+        out.append(mx.array(m))
+    return out
+
+
+def test_keep_one_is_dense_bit_for_bit(tiny):
+    model, _ = tiny
+    model.dense()
+    dense = logits(model)
+    sel = model.select(TOKENS, keep=1.0)
+    assert sel.keep == 1.0
+    assert mx.array_equal(logits(model), dense).item()
+    model.select(TOKENS, keep=0.5)
+    model.dense()
+    assert mx.array_equal(logits(model), dense).item()
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.5, 0.25])
+def test_sliced_equals_masked_dense(tiny, keep):
+    model, _ = tiny
+    sel = model.select(TOKENS, keep=keep)
+    sliced = logits(model)
+    model.dense()
+    with tap_ffns(model, record=False, masks=masks_for(sel)):
+        masked = logits(model)
+    assert mx.abs(sliced - masked).max().item() <= 1e-4
+    assert not mx.allclose(masked, logits(model), atol=1e-3).item()  # pruning did something
+
+
+def test_selection_is_deterministic(tiny):
+    model, _ = tiny
+    a = model.select(TOKENS, keep=0.5)
+    b = model.select(TOKENS, keep=0.5)
+    assert all(np.array_equal(x, y) for x, y in zip(a.indices, b.indices))
+    c = model.select(TOKENS[::-1], keep=0.5)  # another prompt, another selection
+    assert not all(np.array_equal(x, y) for x, y in zip(a.indices, c.indices))
+
+
+def test_per_layer_budget_honoured_exactly(tiny):
+    model, _ = tiny
+    units = model.ffn_units
+    sel = model.select(TOKENS, keep=[0.25, 0.75])
+    assert sel.kept == [round(0.25 * units[0]), round(0.75 * units[1])]
+    for idx in sel.indices:
+        assert np.all(np.diff(idx) > 0)
+    assert model.layers[0].mlp.gate_proj.weight.shape[0] == sel.kept[0]
+    assert model.layers[1].mlp.down_proj.weight.shape[0] == sel.kept[1]
+    model.dense()
+
+
+def test_cache_reuse_matches_plain_prefill(tiny):
+    """The activation predictor's dense prefill fills the cache; decoding continues from it."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = tiny
+    cache = make_prompt_cache(model)
+    sel = model.select(TOKENS, keep=0.5, cache=cache)
+    assert sel.prefilled == len(TOKENS) - 1 and cache[0].offset == len(TOKENS) - 1
+    step = model(mx.array(TOKENS[-1:])[None], cache=cache)[0, -1]
+    # reference: dense prefill of the same tokens, then the pruned model for the last one
+    model.dense()
+    ref_cache = make_prompt_cache(model)
+    model(mx.array(TOKENS[:-1])[None], cache=ref_cache)
+    model.apply_selection(sel)
+    ref = model(mx.array(TOKENS[-1:])[None], cache=ref_cache)[0, -1]
+    assert mx.array_equal(step, ref).item()
+    model.dense()
+
+
+def test_budgets_and_bad_input():
+    assert budget_units(0.5, [96, 96]) == [48, 48]
+    assert budget_units(0.001, [96]) == [1]
+    assert budget_units(0.5, [96], block=16) == [48]
+    for bad in (0, -0.1, 1.5, float("nan"), "x"):
+        with pytest.raises(IFPError, match="keep"):
+            budget_units(bad, [96])
+    with pytest.raises(IFPError, match="per-layer budget has 3"):
+        budget_units([0.5, 0.5, 0.5], [96, 96])
+    idx = top_units(mx.array([0.1, 0.9, 0.5, 0.9, 0.0, 0.3]), 3)
+    assert idx.tolist() == [1, 2, 3]
+    blocks = top_units(mx.array([0.1, 0.2, 0.9, 0.9, 0.0, 0.0]), 2, block=2)
+    assert blocks.tolist() == [2, 3]
+
+
+def test_unknown_predictor_and_empty_prompt(tiny):
+    model, _ = tiny
+    with pytest.raises(IFPError, match="unknown predictor 'nope'"):
+        model.select(TOKENS, keep=0.5, predictor="nope")
+    with pytest.raises(IFPError, match="empty prompt"):
+        model.select([], keep=0.5)
+
+
+def test_generate_api_and_stats(tiny):
+    model, tok = tiny
+    text = ifp_mlx.generate(model, tok, "w5 w6 w7", keep=0.5, max_tokens=6)
+    assert isinstance(text, str)
+    last = None
+    for last in ifp_mlx.stream_generate(model, tok, "w5 w6 w7", keep=0.5, max_tokens=6):
+        pass
+    assert last.ifp.keep == pytest.approx(0.5, abs=0.02)
+    assert last.ifp.predictor == "activation" and last.ifp.generation_tokens == 6
+    assert last.ifp.materialize_ms > 0 and "kept 50%" in last.ifp.line()
+    with pytest.raises(IFPError, match="empty prompt"):
+        ifp_mlx.generate(model, tok, "   ")
+    with pytest.raises(IFPError, match="context"):
+        ifp_mlx.generate(model, tok, list(range(3, 90)) * 3)
