@@ -19,6 +19,11 @@ def tiny_tokenizer(folder: Path) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+    # A word-level stand-in for a chat template: w3 = turn start, w4 = turn end, w5 = answer.
+    fast.chat_template = (
+        "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+        "{% if add_generation_prompt %}w5 {% endif %}"
+    )
     fast.save_pretrained(str(folder))
 
 

@@ -1,0 +1,122 @@
+"""Multi-turn conversations (policies, cache reuse) and the ifp-chat / ifp-generate CLIs."""
+
+import subprocess
+import sys
+
+import pytest
+
+import ifp_mlx
+from ifp_mlx.chat import Conversation
+from ifp_mlx.convert import convert
+from ifp_mlx.errors import IFPError
+from tests.helpers import make_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    src = make_tiny_hf("llama", root / "hf", seed=11)
+    convert(src, root / "m", progress=False)
+    return root / "m"
+
+
+def answer(conv, text, n=5):
+    return "".join(r.text for r in conv.ask(text, max_tokens=n))
+
+
+@pytest.mark.parametrize("policy", ["first-turn", "per-turn"])
+def test_policies(tiny_folder, policy):
+    model, tok = ifp_mlx.load(tiny_folder)
+    conv = Conversation(model, tok, keep=0.5, policy=policy)
+    answer(conv, "w4 w5 w6")
+    first = model.selection
+    offset = conv.cache[0].offset
+    answer(conv, "w30 w31 w32 w33")
+    assert conv.cache[0].offset > offset  # cache reused, grown
+    assert len(conv.messages) == 4
+    if policy == "first-turn":
+        assert model.selection is first
+    else:
+        assert model.selection is not first
+
+
+def test_second_turn_reuses_cache_exactly(tiny_folder):
+    """Turn 2 with the cache == turn 2 computed from scratch with the same selection."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from ifp_mlx.generate import prompt_tokens
+
+    model, tok = ifp_mlx.load(tiny_folder)
+    conv = Conversation(model, tok, keep=0.5, policy="first-turn")
+    answer(conv, "w4 w5 w6")
+    second = [r.token for r in conv.ask("w7 w8", max_tokens=4)]
+    full = prompt_tokens(tok, conv.messages[:-1])
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(full)[None], cache=cache)
+    assert int(logits[0, -1].argmax()) == second[0]
+
+
+def test_keep_dense_reset_and_errors(tiny_folder):
+    model, tok = ifp_mlx.load(tiny_folder)
+    conv = Conversation(model, tok, keep=0.5)
+    answer(conv, "w4 w5")
+    conv.set_keep(0.25)
+    answer(conv, "w6")
+    assert model.selection.keep == pytest.approx(0.25, abs=0.02)
+    conv.set_keep(1.0)
+    answer(conv, "w7")
+    assert model.selection is None
+    conv.reset()
+    assert conv.messages == [] and conv.cache[0].offset == 0
+    with pytest.raises(IFPError, match="keep"):
+        conv.set_keep(0)
+    with pytest.raises(IFPError, match="policy"):
+        Conversation(model, tok, policy="sometimes")
+
+
+def run(args, stdin=""):
+    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_chat_cli_piped(tiny_folder):
+    script = "w4 w5 w6\n/keep 0.3\nw7 w8\n/dense\nw9\n/keep 7\n/bogus\n/stats\n/quit\n"
+    res = run(["ifp_mlx.apps.chat", "--model", str(tiny_folder), "--max-tokens", "4"], script)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.count("[kept ") == 3  # one stats line per answer
+    assert "[kept 50% (activation)" in out and "[kept 30% (activation)" in out
+    assert "[kept 100% (dense)" in out
+    assert "error: keep must be in (0, 1], not 7.0" in res.stderr
+    assert "error: unknown command /bogus" in res.stderr
+    assert "generation_tps" in out and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--keep", "0"], "keep must be in (0, 1]"),
+        (["--keep", "1.5"], "keep must be in (0, 1]"),
+        (["--predictor", "magic"], "unknown predictor 'magic'"),
+        (["--policy", "never"], "unknown policy 'never'"),
+        (["--keep", "0.5,0.5,0.5"], "per-layer budget has 3 entries"),
+        (["--prompt", " "], "empty prompt"),
+        (["--prompt", "w5 " * 300], "context"),
+    ],
+)
+def test_generate_cli_bad_input(tiny_folder, flags, message):
+    args = ["ifp_mlx.apps.generate", "--model", str(tiny_folder), "--max-tokens", "3"]
+    if "--prompt" not in flags:
+        args += ["--prompt", "w5 w6"]
+    res = run(args + flags)
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], res.stderr
+
+
+def test_generate_cli_ok(tiny_folder):
+    res = run(["ifp_mlx.apps.generate", "--model", str(tiny_folder), "--prompt", "w5 w6",
+               "--max-tokens", "3", "--keep", "0.5"])
+    assert res.returncode == 0, res.stderr
+    assert "[kept 50% (activation)" in res.stderr
