@@ -15,22 +15,55 @@ def main(argv=None) -> None:
     q.add_argument("--text", required=True, help="held-out plain-text file")
     q.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     q.add_argument("--group-size", type=int, default=64)
-    q.add_argument("--max-tokens", type=int, default=8192)
+    q.add_argument("--max-tokens", type=int, default=2048)
     q.add_argument("--json", default="results/bench-quant.json")
+    s = sub.add_parser("speed", help="dense vs pruned decode speed and TTFT split")
+    s.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    s.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.33])
+    s.add_argument("--prompt-tokens", type=int, default=1024)
+    s.add_argument("--decode-tokens", type=int, default=64)
+    s.add_argument("--predictor", default="activation")
+    s.add_argument("--json", default="results/bench-speed.json")
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):
+        if args.cmd == "speed":
+            return run_speed(args)
         from ..bench import quant_quality
 
-        rows = []
-        print(f"{'bits':>4} {'g':>4} {'fp32':>8} {'ifp-mlx':>8} {'mlx-lm':>8} {'ifp/mlx-lm':>11}")
-        for bits in args.bits:
-            r = quant_quality(Path(args.source), Path(args.text), bits, args.group_size, args.max_tokens)
-            rows.append(r)
-            print(f"{bits:>4} {args.group_size:>4} {r['loss_fp32']:8.4f} {r['loss_ifp']:8.4f} "
-                  f"{r['loss_mlx_lm']:8.4f} {100 * r['relative_diff']:+10.2f}%")
+        r = quant_quality(Path(args.source), Path(args.text), args.bits, args.group_size, args.max_tokens)
+        print(f"held-out text loss over {r['tokens']} tokens, fp32 {r['loss_fp32']:.4f}")
+        print(f"{'bits':>4} {'g':>4} {'ifp-mlx':>8} {'mlx-lm':>8} {'ifp/mlx-lm':>11}")
+        for row in r["rows"]:
+            print(f"{row['bits']:>4} {args.group_size:>4} {row['loss_ifp']:8.4f} "
+                  f"{row['loss_mlx_lm']:8.4f} {100 * row['relative_diff']:+10.2f}%")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(r, indent=2))
         print(f"wrote {args.json}")
+
+
+def run_speed(args) -> None:
+    from .. import load
+    from ..selection import check_keep
+    from ..speed import speed
+
+    for k in args.keep:
+        check_keep(k)
+    model, tokenizer = load(args.model)
+    r = speed(model, tokenizer, args.keep, args.prompt_tokens, args.decode_tokens, args.predictor)
+    r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
+    print(f"model {r['model']} | {r['device']} | FFN share of weight bytes f = {r['ffn_byte_share']:.3f}")
+    print(f"dense: decode {r['dense_decode_tps']:.1f} tok/s, TTFT {r['dense_ttft_ms']:.0f} ms "
+          f"({r['prompt_tokens']} prompt tokens)")
+    print(f"{'keep':>5} {'tok/s':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'score+prefill':>13} "
+          f"{'select':>7} {'mater.':>7} {'rest':>6} {'TTFT':>7} {'mat GB/s':>8} {'copy GB/s':>9}")
+    for row in r["rows"]:
+        print(f"{row['kept']:5.2f} {row['decode_tps']:7.1f} {row['speedup']:7.2f}x {row['ideal_speedup']:5.2f}x "
+              f"{100 * row['of_ideal']:7.0f}% {row['score_prefill_ms']:11.0f}ms {row['select_ms']:5.0f}ms "
+              f"{row['materialize_ms']:5.0f}ms {row['rest_prefill_ms']:4.0f}ms {row['ttft_ms']:5.0f}ms "
+              f"{row['materialize_gbps']:8.2f} {row['copy_gbps']:9.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(r, indent=2))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

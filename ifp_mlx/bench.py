@@ -22,9 +22,9 @@ def _mlx_lm_quantized(source: Path, out: Path, bits: int, group_size: int) -> Pa
     from mlx_lm import load as mlx_load
 
     fixed = out.parent / "hf-fixed"
-    fixed.mkdir()
+    fixed.mkdir(exist_ok=True)
     for f in source.iterdir():
-        if f.name != "config.json":
+        if f.name != "config.json" and not (fixed / f.name).exists():
             (fixed / f.name).symlink_to(f.resolve())
     cfg = fix_config(json.loads((source / "config.json").read_text()))
     (fixed / "config.json").write_text(json.dumps(cfg))
@@ -34,10 +34,10 @@ def _mlx_lm_quantized(source: Path, out: Path, bits: int, group_size: int) -> Pa
 
 
 def quant_quality(
-    source: Path, text: Path, bits: int = 4, group_size: int = 64, max_tokens: int = 8192,
+    source: Path, text: Path, bits_list=(4, 8), group_size: int = 64, max_tokens: int = 2048,
     work: Optional[Path] = None,
 ) -> dict:
-    """Held-out text loss: fp32 vs ifp-mlx unit-major quantization vs mlx-lm's quantization."""
+    """Held-out text loss: fp32 vs ifp-mlx unit-major quantization vs mlx-lm's own, same bits."""
     source = Path(source)
     if not (source / "config.json").is_file():
         raise IFPError(f"{source} is not a Hugging Face folder with config.json")
@@ -45,20 +45,22 @@ def quant_quality(
         raise IFPError(f"text file {text} does not exist")
     tmp = Path(work or tempfile.mkdtemp(prefix="ifp-bench-"))
     try:
-        results = {"source": str(source), "text": str(text), "bits": bits, "group_size": group_size}
+        t = time.perf_counter()
         convert(source, tmp / "f32", progress=False)
         model, tok = load(tmp / "f32")
         tokens = tok.encode(Path(text).read_text(errors="replace"))[:max_tokens]
-        results["tokens"] = len(tokens)
-        t = time.perf_counter()
-        results["loss_fp32"] = text_loss(model, tokens)
-        convert(source, tmp / "ifp-q", quantize=True, q_bits=bits, q_group_size=group_size, progress=False)
-        results["loss_ifp"] = text_loss(load(tmp / "ifp-q")[0], tokens)
-        theirs, _ = _mlx_lm_quantized(source, tmp / "mlx-lm-q", bits, group_size)
-        results["loss_mlx_lm"] = text_loss(theirs, tokens)
-        results["relative_diff"] = results["loss_ifp"] / results["loss_mlx_lm"] - 1
-        results["seconds"] = time.perf_counter() - t
-        return results
+        out = {"source": str(source), "text": str(text), "tokens": len(tokens),
+               "group_size": group_size, "loss_fp32": text_loss(model, tokens), "rows": []}
+        for bits in bits_list:
+            q = tmp / f"ifp-q{bits}"
+            convert(source, q, quantize=True, q_bits=bits, q_group_size=group_size, progress=False)
+            row = {"bits": bits, "loss_ifp": text_loss(load(q)[0], tokens)}
+            theirs, _ = _mlx_lm_quantized(source, tmp / f"mlx-lm-q{bits}", bits, group_size)
+            row["loss_mlx_lm"] = text_loss(theirs, tokens)
+            row["relative_diff"] = row["loss_ifp"] / row["loss_mlx_lm"] - 1
+            out["rows"].append(row)
+        out["seconds"] = time.perf_counter() - t
+        return out
     finally:
         if work is None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random HF models (seconds) and the bundled real SmolLM2 (cached)."""
 
-import json
 import os
 from pathlib import Path
 
@@ -51,7 +50,18 @@ def smol_f32(smol_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_q4(smol_gguf, tmp_path_factory) -> Path:
-    return _converted("smol-q4", tmp_path_factory, smol_gguf, quantize=True, q_bits=4)
+    """The default model, converted on first use exactly as ``ifp-chat`` does it."""
+    from ifp_mlx import bundled
+
+    old = os.environ.get("IFP_MLX_HOME")
+    os.environ["IFP_MLX_HOME"] = str(_cache_root(tmp_path_factory) / "home")
+    try:
+        return bundled.default_model()
+    finally:
+        if old is None:
+            os.environ.pop("IFP_MLX_HOME")
+        else:
+            os.environ["IFP_MLX_HOME"] = old
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,44 @@
+"""The bundled SmolLM2-135M-Instruct at 4-bit, pruned per prompt."""
+
+import mlx.core as mx
+import numpy as np
+
+import ifp_mlx
+from ifp_mlx.model import tap_ffns
+
+PROMPT = "What color is the sky on a clear day?"
+# Greedy tokens at keep 0.5 (activation predictor), recorded from this runtime. The text is
+# "The sky on a clear day is a typical, the sky is the color of": on-topic but
+# degraded, which is what training-free pruning does to a 135M model at half its FFN.
+RECORDED_HALF = [504, 6376, 335, 253, 2437, 1194, 314, 253, 5923, 28, 260, 6376, 314, 260, 2380, 282]
+
+
+def test_default_model_is_converted_4bit(smol_q4):
+    from tests.helpers import read_config
+
+    assert read_config(smol_q4)["ifp"]["quantization"]["bits"] == 4
+
+
+def test_keep_half_recorded_answer_and_dense_answer(smol_q4):
+    model, tok = ifp_mlx.load(smol_q4)
+    tokens = [r.token for r in ifp_mlx.stream_generate(model, tok, PROMPT, keep=0.5, max_tokens=16)]
+    print(tokens, tok.decode(tokens))
+    assert tokens == RECORDED_HALF
+    dense = ifp_mlx.generate(model, tok, PROMPT, keep=1.0, max_tokens=16)
+    assert "blue" in dense.lower()
+
+
+def test_real_sliced_equals_masked_dense(smol_q4):
+    model, tok = ifp_mlx.load(smol_q4)
+    ids = tok.encode("Plants need sunlight, water and air to grow.")
+    sel = model.select(ids, keep=0.5)
+    sliced = model(mx.array(ids)[None])
+    model.dense()
+    masks = []
+    for idx, n in zip(sel.indices, sel.units):
+        m = np.zeros(n, np.float32)
+        m[idx] = 1
+        masks.append(mx.array(m))
+    with tap_ffns(model, record=False, masks=masks):
+        masked = model(mx.array(ids)[None])
+    assert mx.abs(sliced - masked).max().item() <= 1e-3
