@@ -30,12 +30,16 @@ def main(argv=None) -> None:
             return run_speed(args)
         from ..bench import quant_quality
 
-        r = quant_quality(Path(args.source), Path(args.text), args.bits, args.group_size, args.max_tokens)
+        r = quant_quality(
+            Path(args.source), Path(args.text), args.bits, args.group_size, args.max_tokens
+        )
         print(f"held-out text loss over {r['tokens']} tokens, fp32 {r['loss_fp32']:.4f}")
         print(f"{'bits':>4} {'g':>4} {'ifp-mlx':>8} {'mlx-lm':>8} {'ifp/mlx-lm':>11}")
         for row in r["rows"]:
-            print(f"{row['bits']:>4} {args.group_size:>4} {row['loss_ifp']:8.4f} "
-                  f"{row['loss_mlx_lm']:8.4f} {100 * row['relative_diff']:+10.2f}%")
+            print(
+                f"{row['bits']:>4} {args.group_size:>4} {row['loss_ifp']:8.4f} "
+                f"{row['loss_mlx_lm']:8.4f} {100 * row['relative_diff']:+10.2f}%"
+            )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=2))
         print(f"wrote {args.json}")
@@ -51,16 +55,24 @@ def run_speed(args) -> None:
     model, tokenizer = load(args.model)
     r = speed(model, tokenizer, args.keep, args.prompt_tokens, args.decode_tokens, args.predictor)
     r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
-    print(f"model {r['model']} | {r['device']} | FFN share of weight bytes f = {r['ffn_byte_share']:.3f}")
-    print(f"dense: decode {r['dense_decode_tps']:.1f} tok/s, TTFT {r['dense_ttft_ms']:.0f} ms "
-          f"({r['prompt_tokens']} prompt tokens)")
-    print(f"{'keep':>5} {'tok/s':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'score+prefill':>13} "
-          f"{'select':>7} {'mater.':>7} {'rest':>6} {'TTFT':>7} {'mat GB/s':>8} {'copy GB/s':>9}")
+    print(
+        f"model {r['model']} | {r['device']} | FFN share of weight bytes f = {r['ffn_byte_share']:.3f}"
+    )
+    print(
+        f"dense: decode {r['dense_decode_tps']:.1f} tok/s, TTFT {r['dense_ttft_ms']:.0f} ms "
+        f"({r['prompt_tokens']} prompt tokens)"
+    )
+    print(
+        f"{'keep':>5} {'tok/s':>7} {'speedup':>8} {'ideal':>6} {'of ideal':>8} {'score+prefill':>13} "
+        f"{'select':>7} {'mater.':>7} {'rest':>6} {'TTFT':>7} {'mat GB/s':>8} {'copy GB/s':>9}"
+    )
     for row in r["rows"]:
-        print(f"{row['kept']:5.2f} {row['decode_tps']:7.1f} {row['speedup']:7.2f}x {row['ideal_speedup']:5.2f}x "
-              f"{100 * row['of_ideal']:7.0f}% {row['score_prefill_ms']:11.0f}ms {row['select_ms']:5.0f}ms "
-              f"{row['materialize_ms']:5.0f}ms {row['rest_prefill_ms']:4.0f}ms {row['ttft_ms']:5.0f}ms "
-              f"{row['materialize_gbps']:8.2f} {row['copy_gbps']:9.2f}")
+        print(
+            f"{row['kept']:5.2f} {row['decode_tps']:7.1f} {row['speedup']:7.2f}x {row['ideal_speedup']:5.2f}x "
+            f"{100 * row['of_ideal']:7.0f}% {row['score_prefill_ms']:11.0f}ms {row['select_ms']:5.0f}ms "
+            f"{row['materialize_ms']:5.0f}ms {row['rest_prefill_ms']:4.0f}ms {row['ttft_ms']:5.0f}ms "
+            f"{row['materialize_gbps']:8.2f} {row['copy_gbps']:9.2f}"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(r, indent=2))
     print(f"wrote {args.json}")

@@ -64,8 +64,12 @@ def main(argv=None) -> None:
         keep = args.keep if args.keep is not None else model.default_keep
         conv = Conversation(model, tokenizer, keep, args.predictor, args.policy, args.system)
         sampler = sampler_from(args)
-    print(_dim(f"ifp-chat: keep {conv.keep}, predictor {conv.predictor}, policy {conv.policy}. "
-               "/help for commands."))
+    print(
+        _dim(
+            f"ifp-chat: keep {conv.keep}, predictor {conv.predictor}, policy {conv.policy}. "
+            "/help for commands."
+        )
+    )
     last = None
     while True:
         try:

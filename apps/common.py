@@ -9,7 +9,9 @@ def keep_arg(text: str):
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"keep must be a number or a list of numbers, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"keep must be a number or a list of numbers, not {text!r}"
+        )
     if not values:
         raise argparse.ArgumentTypeError("keep is empty")
     return values[0] if len(values) == 1 else values
@@ -17,9 +19,13 @@ def keep_arg(text: str):
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
-    p.add_argument("--keep", type=keep_arg, default=None,
-                   help="fraction of FFN units kept per layer, or a per-layer list (default: "
-                        "the model's budget, else 0.5; 1 = dense)")
+    p.add_argument(
+        "--keep",
+        type=keep_arg,
+        default=None,
+        help="fraction of FFN units kept per layer, or a per-layer list (default: "
+        "the model's budget, else 0.5; 1 = dense)",
+    )
     p.add_argument("--predictor", default="activation", help="sparsity predictor")
     p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
     p.add_argument("--max-tokens", type=int, default=512)

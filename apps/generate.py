@@ -20,9 +20,15 @@ def main(argv=None) -> None:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, tokenizer = load(args.model)
         last = None
-        for resp in stream_generate(model, tokenizer, prompt, keep=args.keep,
-                                    predictor=args.predictor, max_tokens=args.max_tokens,
-                                    sampler=sampler_from(args)):
+        for resp in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            keep=args.keep,
+            predictor=args.predictor,
+            max_tokens=args.max_tokens,
+            sampler=sampler_from(args),
+        ):
             print(resp.text, end="", flush=True)
             last = resp
         print()

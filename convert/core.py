@@ -77,7 +77,9 @@ def read_source(
             return read_gguf(path, bar)
         if path.suffix in TORCH_SUFFIXES + (".safetensors",):
             return read_state_dict(path, config)
-        raise IFPError(f"unknown input type {path.name} (want a folder, .gguf, .safetensors, .bin, .pt)")
+        raise IFPError(
+            f"unknown input type {path.name} (want a folder, .gguf, .safetensors, .bin, .pt)"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
         return read_folder(_download(str(source), revision), bar)
     raise IFPError(f"no such file or folder: {source}")
@@ -97,18 +99,24 @@ def build_model(config: dict) -> nn.Module:
     try:
         model_class, args_class = _get_classes(config)
     except ValueError:
-        raise IFPError(f"unknown model_type {config.get('model_type')!r}: mlx-lm has no such family")
+        raise IFPError(
+            f"unknown model_type {config.get('model_type')!r}: mlx-lm has no such family"
+        )
     try:
         return model_class(args_class.from_dict(config))
     except Exception as e:
-        raise IFPError(f"config does not describe a valid {config['model_type']} model: {e!r}"[:300])
+        raise IFPError(
+            f"config does not describe a valid {config['model_type']} model: {e!r}"[:300]
+        )
 
 
 def check_weights(model: nn.Module, weights: dict) -> None:
     expected = dict(tree_flatten(model.parameters()))
     for name, w in weights.items():
         if name not in expected:
-            raise IFPError(f"unexpected tensor {name!r} for this {type(model).__module__.split('.')[-1]} config")
+            raise IFPError(
+                f"unexpected tensor {name!r} for this {type(model).__module__.split('.')[-1]} config"
+            )
         if tuple(w.shape) != tuple(expected[name].shape):
             raise IFPError(
                 f"tensor shape mismatch: {name} is {tuple(w.shape)} in the checkpoint, "
@@ -223,7 +231,12 @@ def convert(
         n_params = get_total_parameters(model)
 
     return Summary(
-        str(output), cfg["model_type"], n_params, n_bytes, dtype,
-        q_bits if quantize else None, q_group_size if quantize else None,
+        str(output),
+        cfg["model_type"],
+        n_params,
+        n_bytes,
+        dtype,
+        q_bits if quantize else None,
+        q_group_size if quantize else None,
         time.perf_counter() - start,
     )

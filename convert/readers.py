@@ -85,9 +85,7 @@ def load_torch_file(path: Path) -> Dict[str, mx.array]:
     out = {}
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
-            raise IFPError(
-                f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor"
-            )
+            raise IFPError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
         out[name] = _torch_to_mx(t)
     return out
 
@@ -145,7 +143,9 @@ def read_state_dict(path: Path, config_path: Optional[Path]) -> Checkpoint:
     if config_path is None:
         config_path = path.parent / "config.json"
         if not config_path.is_file():
-            raise IFPError(f"missing config: {path.name} is a bare state dict, pass --config config.json")
+            raise IFPError(
+                f"missing config: {path.name} is a bare state dict, pass --config config.json"
+            )
     config = read_config(config_path)
     return Checkpoint(
         load_weight_file(path), config, tokenizer=config_path.parent, source=str(path)

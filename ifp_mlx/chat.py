@@ -82,8 +82,15 @@ class Conversation:
         answer, generated = "", []
         try:
             for resp in stream_generate(
-                self.model, self.tokenizer, new, keep=self.keep, predictor=self.predictor,
-                max_tokens=max_tokens, prompt_cache=self.cache, reselect=reselect, **kwargs,
+                self.model,
+                self.tokenizer,
+                new,
+                keep=self.keep,
+                predictor=self.predictor,
+                max_tokens=max_tokens,
+                prompt_cache=self.cache,
+                reselect=reselect,
+                **kwargs,
             ):
                 self._selected = self._selected or reselect
                 answer += resp.text

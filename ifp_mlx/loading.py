@@ -37,7 +37,9 @@ def read_ifp_config(path: Path) -> dict:
         raise IFPError(f"garbled config {cfg_path}: {e}")
     ifp = config.get("ifp")
     if not isinstance(ifp, dict):
-        raise IFPError(f"{path} is not an ifp-mlx model folder (convert it: ifp-convert {path} OUT)")
+        raise IFPError(
+            f"{path} is not an ifp-mlx model folder (convert it: ifp-convert {path} OUT)"
+        )
     if ifp.get("format_version", 0) > FORMAT_VERSION:
         raise IFPError(f"{path} uses ifp format {ifp['format_version']}; upgrade ifp-mlx")
     return config
@@ -69,6 +71,8 @@ def load(
     object.__setattr__(model, "_ifp_config", ifp_config)
     budget = ifp_config.get("budget")
     if budget is not None and len(budget) != len(model.ffn_units):
-        raise IFPError(f"{path}: ifp budget has {len(budget)} layers, the model {len(model.ffn_units)}")
+        raise IFPError(
+            f"{path}: ifp budget has {len(budget)} layers, the model {len(model.ffn_units)}"
+        )
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer

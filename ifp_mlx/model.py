@@ -110,9 +110,7 @@ class QuantizedUnitLinear(nn.Module):
     def from_unit_linear(cls, layer: UnitLinear, group_size, bits, mode="affine"):
         units, out_dims = layer.weight.shape
         q = cls(units, out_dims, "bias" in layer, group_size or 64, bits or 4, mode)
-        q.weight, q.scales, *biases = mx.quantize(
-            layer.weight, q.group_size, q.bits, mode=mode
-        )
+        q.weight, q.scales, *biases = mx.quantize(layer.weight, q.group_size, q.bits, mode=mode)
         q.biases = biases[0] if biases else None
         if "bias" in layer:
             q.bias = layer.bias

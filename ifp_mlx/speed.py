@@ -62,7 +62,9 @@ def copy_gbps(model: nn.Module, selection) -> float:
     arrays = []
     for (_, mlp), idx in zip(find_ffns(model), selection.indices):
         for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            arrays += [v[: len(idx)] for k, v in proj.items() if isinstance(v, mx.array) and v.ndim == 2]
+            arrays += [
+                v[: len(idx)] for k, v in proj.items() if isinstance(v, mx.array) and v.ndim == 2
+            ]
     mx.eval(arrays)
     nbytes = sum(a.nbytes for a in arrays)
     tic = time.perf_counter()
@@ -94,23 +96,28 @@ def speed(
         sel = model.select(prompt, keep=keep, predictor=predictor, cache=cache)
         rest_ms = _prefill_ms(model, prompt[sel.prefilled :], cache)
         tps = _decode_tps(model, short, decode_tokens)
-        rows.append({
-            "keep": keep,
-            "kept": sel.keep,
-            "decode_tps": tps,
-            "speedup": tps / dense_tps,
-            "ideal_speedup": ideal_speedup(f, sel.keep),
-            "of_ideal": (tps / dense_tps) / ideal_speedup(f, sel.keep),
-            "score_prefill_ms": sel.score_ms,
-            "select_ms": sel.select_ms,
-            "materialize_ms": sel.materialize_ms,
-            "rest_prefill_ms": rest_ms,
-            "ttft_ms": sel.score_ms + sel.select_ms + sel.materialize_ms + rest_ms,
-            "overhead_vs_dense_ttft": (sel.score_ms + sel.select_ms + sel.materialize_ms + rest_ms - dense_ttft) / dense_ttft,
-            "materialize_bytes": sel.bytes,
-            "materialize_gbps": sel.materialize_gbps,
-            "copy_gbps": copy_gbps(model, sel),
-        })
+        rows.append(
+            {
+                "keep": keep,
+                "kept": sel.keep,
+                "decode_tps": tps,
+                "speedup": tps / dense_tps,
+                "ideal_speedup": ideal_speedup(f, sel.keep),
+                "of_ideal": (tps / dense_tps) / ideal_speedup(f, sel.keep),
+                "score_prefill_ms": sel.score_ms,
+                "select_ms": sel.select_ms,
+                "materialize_ms": sel.materialize_ms,
+                "rest_prefill_ms": rest_ms,
+                "ttft_ms": sel.score_ms + sel.select_ms + sel.materialize_ms + rest_ms,
+                "overhead_vs_dense_ttft": (
+                    sel.score_ms + sel.select_ms + sel.materialize_ms + rest_ms - dense_ttft
+                )
+                / dense_ttft,
+                "materialize_bytes": sel.bytes,
+                "materialize_gbps": sel.materialize_gbps,
+                "copy_gbps": copy_gbps(model, sel),
+            }
+        )
     model.dense()
     return {
         "prompt_tokens": len(prompt),

@@ -41,9 +41,13 @@ def tiny_config(family: str):
         eos_token_id=2,
     )
     if family == "llama":
-        return LlamaConfig(num_hidden_layers=2, rope_theta=50000.0, tie_word_embeddings=False, **common)
+        return LlamaConfig(
+            num_hidden_layers=2, rope_theta=50000.0, tie_word_embeddings=False, **common
+        )
     if family == "qwen2":
-        return Qwen2Config(num_hidden_layers=2, rope_theta=20000.0, tie_word_embeddings=True, **common)
+        return Qwen2Config(
+            num_hidden_layers=2, rope_theta=20000.0, tie_word_embeddings=True, **common
+        )
     if family == "gemma3_text":
         return Gemma3TextConfig(
             num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common

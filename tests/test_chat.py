@@ -76,8 +76,9 @@ def test_keep_dense_reset_and_errors(tiny_folder):
 
 
 def run(args, stdin=""):
-    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_chat_cli_piped(tiny_folder):
@@ -116,7 +117,18 @@ def test_generate_cli_bad_input(tiny_folder, flags, message):
 
 
 def test_generate_cli_ok(tiny_folder):
-    res = run(["ifp_mlx.apps.generate", "--model", str(tiny_folder), "--prompt", "w5 w6",
-               "--max-tokens", "3", "--keep", "0.5"])
+    res = run(
+        [
+            "ifp_mlx.apps.generate",
+            "--model",
+            str(tiny_folder),
+            "--prompt",
+            "w5 w6",
+            "--max-tokens",
+            "3",
+            "--keep",
+            "0.5",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     assert "[kept 50% (activation)" in res.stderr

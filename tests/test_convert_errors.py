@@ -118,8 +118,17 @@ def test_bare_state_dict_needs_config(tiny_bin, tmp_path, capsys):
 def test_bare_state_dict_with_config(tiny_bin, tmp_path, capsys):
     sd = tmp_path / "weights.pt"
     shutil.copy(tiny_bin / "pytorch_model.bin", sd)
-    cli.main([str(sd), str(tmp_path / "out"), "--config", str(tiny_bin / "config.json"),
-              "--tokenizer", str(tiny_bin), "--no-progress"])
+    cli.main(
+        [
+            str(sd),
+            str(tmp_path / "out"),
+            "--config",
+            str(tiny_bin / "config.json"),
+            "--tokenizer",
+            str(tiny_bin),
+            "--no-progress",
+        ]
+    )
     assert "converted llama" in capsys.readouterr().out
     assert (tmp_path / "out" / "config.json").is_file()
 
@@ -163,6 +172,7 @@ def test_python_m_entry_point(tmp_path):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "ifp_mlx.convert", "--help"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ifp_mlx.convert", "--help"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and "ifp-convert" in res.stdout

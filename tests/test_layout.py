@@ -21,7 +21,9 @@ def test_quantized_unit_slice_equals_dequantized_slice(bits, group_size):
     idx = mx.array([0, 3, 7, 8, 20, 47])
     for layer in (down, gate):
         full = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size, bits)
-        part = mx.dequantize(layer.weight[idx], layer.scales[idx], layer.biases[idx], group_size, bits)
+        part = mx.dequantize(
+            layer.weight[idx], layer.scales[idx], layer.biases[idx], group_size, bits
+        )
         assert mx.array_equal(part, full[idx]).item()
 
 

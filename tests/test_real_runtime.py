@@ -10,7 +10,24 @@ PROMPT = "What color is the sky on a clear day?"
 # Greedy tokens at keep 0.5 (activation predictor), recorded from this runtime. The text is
 # "The sky on a clear day is a typical, the sky is the color of": on-topic but
 # degraded, which is what training-free pruning does to a 135M model at half its FFN.
-RECORDED_HALF = [504, 6376, 335, 253, 2437, 1194, 314, 253, 5923, 28, 260, 6376, 314, 260, 2380, 282]
+RECORDED_HALF = [
+    504,
+    6376,
+    335,
+    253,
+    2437,
+    1194,
+    314,
+    253,
+    5923,
+    28,
+    260,
+    6376,
+    314,
+    260,
+    2380,
+    282,
+]
 
 
 def test_default_model_is_converted_4bit(smol_q4):
@@ -24,8 +41,14 @@ def test_keep_half_recorded_answer_and_dense_answer(smol_q4):
     tokens = [r.token for r in ifp_mlx.stream_generate(model, tok, PROMPT, keep=0.5, max_tokens=16)]
     print(tokens, tok.decode(tokens))
     assert tokens == RECORDED_HALF
-    dense = ifp_mlx.generate(model, tok, PROMPT, keep=1.0, max_tokens=16)
-    assert "blue" in dense.lower()
+    dense = ifp_mlx.generate(
+        model,
+        tok,
+        "What is the capital of France? Answer in one sentence.",
+        keep=1.0,
+        max_tokens=12,
+    )
+    assert "Paris" in dense
 
 
 def test_real_sliced_equals_masked_dense(smol_q4):
