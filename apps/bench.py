@@ -24,10 +24,17 @@ def main(argv=None) -> None:
     s.add_argument("--decode-tokens", type=int, default=64)
     s.add_argument("--predictor", default="activation")
     s.add_argument("--json", default="results/bench-speed.json")
+    pol = sub.add_parser("policy", help="multi-turn policies: first-turn vs per-turn")
+    pol.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    pol.add_argument("--keep", type=float, default=0.5)
+    pol.add_argument("--answer-tokens", type=int, default=32)
+    pol.add_argument("--json", default="results/bench-policy.json")
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):
         if args.cmd == "speed":
             return run_speed(args)
+        if args.cmd == "policy":
+            return run_policy(args)
         from ..bench import quant_quality
 
         r = quant_quality(
@@ -73,6 +80,25 @@ def run_speed(args) -> None:
             f"{row['materialize_ms']:5.0f}ms {row['rest_prefill_ms']:4.0f}ms {row['ttft_ms']:5.0f}ms "
             f"{row['materialize_gbps']:8.2f} {row['copy_gbps']:9.2f}"
         )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(r, indent=2))
+    print(f"wrote {args.json}")
+
+
+def run_policy(args) -> None:
+    from .. import load
+    from ..bench import policies
+    from ..selection import check_keep
+
+    check_keep(args.keep)
+    model, tokenizer = load(args.model)
+    r = policies(model, tokenizer, args.keep, args.answer_tokens)
+    r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
+    print(f"{r['model']}: keep {args.keep}, {r['conversations']} two-turn conversations")
+    print(f"{'policy':>10} {'KL turn 2':>10} {'top-1 agree':>12} {'TTFT turn 2':>12}")
+    for policy in ("first-turn", "per-turn"):
+        s = r[policy]
+        print(f"{policy:>10} {s['kl']:10.3f} {100 * s['agree']:11.1f}% {s['ttft2_ms']:10.0f}ms")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(r, indent=2))
     print(f"wrote {args.json}")

@@ -1,0 +1,82 @@
+"""The benchmark programs run end to end on a tiny model (numbers are not asserted: speed is
+measured in benchmarks, not in tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ifp_mlx.convert import convert
+from ifp_mlx.speed import ideal_speedup
+from tests.helpers import make_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    src = make_tiny_hf("llama", root / "hf", seed=2)
+    convert(src, root / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    return root / "m"
+
+
+def test_ideal_speedup_formula():
+    assert ideal_speedup(0.6, 1.0) == 1.0
+    assert ideal_speedup(0.6, 0.5) == pytest.approx(1 / 0.7)
+
+
+def run_bench(*args):
+    res = subprocess.run(
+        [sys.executable, "-m", "ifp_mlx.apps.bench", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_speed_bench_runs(tiny_q4, tmp_path):
+    out = run_bench(
+        "speed",
+        "--model",
+        tiny_q4,
+        "--prompt-tokens",
+        "64",
+        "--decode-tokens",
+        "4",
+        "--json",
+        tmp_path / "s.json",
+    )
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert [round(row["keep"], 2) for row in r["rows"]] == [0.5, 0.33]
+    assert 0 < r["ffn_byte_share"] < 1 and "ideal" in out
+    for row in r["rows"]:
+        assert row["ideal_speedup"] == pytest.approx(
+            ideal_speedup(r["ffn_byte_share"], row["kept"])
+        )
+
+
+def test_policy_bench_runs(tiny_q4, tmp_path):
+    run_bench("policy", "--model", tiny_q4, "--answer-tokens", "4", "--json", tmp_path / "p.json")
+    r = json.loads((tmp_path / "p.json").read_text())
+    for policy in ("first-turn", "per-turn"):
+        assert r[policy]["kl"] >= 0 and 0 <= r[policy]["agree"] <= 1
+
+
+def test_bench_bad_keep(tiny_q4):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ifp_mlx.apps.bench",
+            "speed",
+            "--model",
+            str(tiny_q4),
+            "--keep",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "keep must be in (0, 1]" in res.stderr
