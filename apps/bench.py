@@ -47,9 +47,13 @@ def main(argv=None) -> None:
                 f"{row['bits']:>4} {args.group_size:>4} {row['loss_ifp']:8.4f} "
                 f"{row['loss_mlx_lm']:8.4f} {100 * row['relative_diff']:+10.2f}%"
             )
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, r)
+
+
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
 
 
 def run_speed(args) -> None:
@@ -80,9 +84,7 @@ def run_speed(args) -> None:
             f"{row['materialize_ms']:5.0f}ms {row['rest_prefill_ms']:4.0f}ms {row['ttft_ms']:5.0f}ms "
             f"{row['materialize_gbps']:8.2f} {row['copy_gbps']:9.2f}"
         )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(r, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, r)
 
 
 def run_policy(args) -> None:
@@ -99,9 +101,7 @@ def run_policy(args) -> None:
     for policy in ("first-turn", "per-turn"):
         s = r[policy]
         print(f"{policy:>10} {s['kl']:10.3f} {100 * s['agree']:11.1f}% {s['ttft2_ms']:10.0f}ms")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(r, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, r)
 
 
 if __name__ == "__main__":
