@@ -132,3 +132,26 @@ def test_generate_cli_ok(tiny_folder):
     )
     assert res.returncode == 0, res.stderr
     assert "[kept 50% (activation)" in res.stderr
+
+
+def test_chat_ctrl_c_stops_answer_not_program(tiny_folder):
+    """Through a pseudo-terminal: Ctrl-C during an endless answer, then another turn, /quit."""
+    import pexpect
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "ifp_mlx.apps.chat", "--model", str(tiny_folder), "--max-tokens", "-1"],
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect(">> ")
+    child.sendline("w4 w5 w6")
+    child.expect("w")  # the answer is streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(">> ")
+    child.sendline("/keep 0.25")
+    child.expect(">> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
