@@ -78,24 +78,30 @@ class Conversation:
         new = self._new_tokens(full)
         dense = isinstance(self.keep, (int, float)) and float(self.keep) == 1.0
         reselect = not dense and (self.policy == "per-turn" or not self._selected)
-        self.messages = messages
-        answer, generated = "", []
+        answer, generated, started = "", [], False
+        stream = stream_generate(
+            self.model,
+            self.tokenizer,
+            new,
+            keep=self.keep,
+            predictor=self.predictor,
+            max_tokens=max_tokens,
+            prompt_cache=self.cache,
+            reselect=reselect,
+            **kwargs,
+        )
         try:
-            for resp in stream_generate(
-                self.model,
-                self.tokenizer,
-                new,
-                keep=self.keep,
-                predictor=self.predictor,
-                max_tokens=max_tokens,
-                prompt_cache=self.cache,
-                reselect=reselect,
-                **kwargs,
-            ):
-                self._selected = self._selected or reselect
+            for resp in stream:
+                if not started:  # the turn is part of the conversation from here on
+                    started, self.messages = True, messages
+                    self._selected = self._selected or reselect
                 answer += resp.text
                 generated.append(resp.token)
                 yield resp
         finally:
-            self.messages.append({"role": "assistant", "content": answer})
-            self.cache_tokens = (full + generated)[: self.cache[0].offset]
+            if started:
+                self.messages.append({"role": "assistant", "content": answer})
+            offset = self.cache[0].offset
+            self.cache_tokens = (
+                (full + generated)[:offset] if started else self.cache_tokens[:offset]
+            )

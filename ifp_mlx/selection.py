@@ -132,7 +132,8 @@ class IFPMixin:
 
     def dense(self) -> None:
         """Restore the full FFNs (the original model, bit for bit)."""
-        for mlp, (g, u, d) in zip(self.__dict__.get("_ifp_mlps", []), self._ifp_store()):
+        store = self._ifp_store()
+        for mlp, (g, u, d) in zip(self.__dict__["_ifp_mlps"], store):
             mlp.gate_proj, mlp.up_proj, mlp.down_proj = g, u, d
         object.__setattr__(self, "_ifp_selection", None)
 

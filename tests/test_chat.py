@@ -155,3 +155,15 @@ def test_chat_ctrl_c_stops_answer_not_program(tiny_folder):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_failed_turn_leaves_conversation_unchanged(tiny_folder):
+    model, tok = ifp_mlx.load(tiny_folder)
+    conv = Conversation(model, tok, keep=0.5)
+    answer(conv, "w4 w5")
+    before = list(conv.messages)
+    with pytest.raises(IFPError, match="context"):
+        answer(conv, "w6 " * 300)
+    assert conv.messages == before
+    answer(conv, "w7")  # still usable
+    assert len(conv.messages) == 4
