@@ -1,8 +1,9 @@
-"""GGUF → Hugging Face names and float weights, with numpy only (no torch).
+"""GGUF → Hugging Face names, config, tokenizer and float weights, without torch.
 
 Tensors are dequantized by the ``gguf`` package (every llama.cpp type, including the K-quants
-that MLX's own GGUF loader lacks). The config and tokenizer come from transformers' public GGUF
-support (``AutoConfig``/``AutoTokenizer`` with ``gguf_file=``), which reads metadata only.
+that MLX's own GGUF loader lacks). transformers' own GGUF loaders import torch, so we read the
+metadata with ``gguf`` and reuse only transformers' torch-free pieces: its GGUF→config key table
+and its GGUF tokenizer builder.
 """
 
 import re
@@ -72,7 +73,9 @@ def read_gguf(path: Path, progress: Callable = iter) -> Checkpoint:
     if arch not in _ARCHS:
         raise IFPError(f"GGUF architecture {arch!r} is not supported (have {sorted(_ARCHS)})")
 
-    config = _gguf_config(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    names = {t.name for t in reader.tensors}
+    config = _gguf_config(meta, arch, tie="output.weight" not in names)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     weights: Dict[str, mx.array] = {}
@@ -87,21 +90,60 @@ def read_gguf(path: Path, progress: Callable = iter) -> Checkpoint:
         weights[name] = mx.array(w)
 
     def write_tokenizer(dst: Path):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tok.save_pretrained(str(dst))
+        _gguf_tokenizer(meta, arch).save_pretrained(str(dst))
 
     return Checkpoint(weights, config, tokenizer=write_tokenizer, source=str(path))
 
 
-def _gguf_config(path: Path) -> dict:
-    from transformers import AutoConfig
+_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma2": "gemma2", "mistral": "mistral"}
 
+
+def _gguf_config(meta: dict, arch: str, tie: bool) -> dict:
+    """A transformers config dict from GGUF metadata (transformers' key table, its defaults)."""
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    table = GGUF_CONFIG_MAPPING.get(arch, GGUF_CONFIG_MAPPING["llama"])
+    cfg = {"tie_word_embeddings": tie}
+    for key, name in table.items():
+        if name is not None and f"{arch}.{key}" in meta:
+            cfg[name] = meta[f"{arch}.{key}"]
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in meta:
+        cfg["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        if f"tokenizer.ggml.{key}_token_id" in meta:
+            cfg[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{key}_token_id"])
+    model_type = _MODEL_TYPES.get(arch, arch)
     try:
-        cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+        out = AutoConfig.for_model(model_type, **cfg).to_dict()
     except Exception as e:
-        raise IFPError(f"cannot read the config of {path.name}: {str(e)[:200]}")
-    for key in ("_name_or_path", "_model_name_or_path", "id2label", "label2id"):
-        cfg.pop(key, None)
-    return cfg
+        raise IFPError(f"cannot build a {model_type} config from the GGUF metadata: {e}"[:300])
+    for key in ("id2label", "label2id", "_name_or_path"):
+        out.pop(key, None)
+    return out
+
+
+def _gguf_tokenizer(meta: dict, arch: str):
+    """A fast tokenizer (with chat template) from GGUF metadata, via transformers' builder."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    grouped = {
+        group: {n: meta[f"tokenizer.{k}"] for k, n in renames.items() if f"tokenizer.{k}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tok_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if "tokens" not in tok_dict:
+        raise IFPError("missing tokenizer: the GGUF has no tokenizer.ggml.tokens")
+    if tok_dict.get("tokenizer_type") == "llama":
+        tok_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            tok_config[name] = tok_dict["tokens"][int(token_id)]
+    backend, extra = convert_gguf_tokenizer(_MODEL_TYPES.get(arch, arch), tok_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)

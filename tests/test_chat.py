@@ -137,6 +137,7 @@ def test_generate_cli_ok(tiny_folder):
 def test_chat_ctrl_c_stops_answer_not_program(tiny_folder):
     """Through a pseudo-terminal: Ctrl-C during an endless answer, then another turn, /quit."""
     import pexpect
+
     child = pexpect.spawn(
         sys.executable,
         ["-m", "ifp_mlx.apps.chat", "--model", str(tiny_folder), "--max-tokens", "-1"],
