@@ -73,3 +73,20 @@ def test_gguf_matches_torch_folder_made_from_it(smol_gguf, smol_f32, tmp_path):
     assert got.keys() == ref.keys()
     worst = max(mx.abs(got[k] - ref[k]).max().item() for k in ref)
     assert worst <= 1e-5
+
+
+def test_gguf_conversion_needs_no_torch(smol_gguf, smol_f32, tmp_path):
+    """With torch made unimportable, GGUF still converts, to the same weights."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from ifp_mlx.convert import convert\n"
+        f"convert({str(smol_gguf)!r}, {str(tmp_path / 'nt')!r}, progress=False)\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ref, got = _weights(smol_f32), _weights(tmp_path / "nt")
+    assert max(mx.abs(got[k] - ref[k]).max().item() for k in ref) <= 1e-5
