@@ -16,7 +16,7 @@ from .loading import load
 from .metrics import text_loss
 
 
-def _mlx_lm_quantized(source: Path, out: Path, bits: int, group_size: int) -> Path:
+def _mlx_lm_quantized(source: Path, out: Path, bits: int, group_size: int):
     """mlx-lm's own ``convert -q`` of the same HF folder (config RoPE fixed the same way)."""
     from mlx_lm import convert as mlx_convert
     from mlx_lm import load as mlx_load

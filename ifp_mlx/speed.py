@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
+from .generate import prompt_tokens
 from .model import find_ffns
 
 FILLER = (
@@ -34,10 +35,7 @@ def ideal_speedup(f: float, keep: float) -> float:
 def long_prompt(tokenizer, n_tokens: int) -> List[int]:
     words = tokenizer.encode(FILLER * (n_tokens // 40 + 2))[: max(n_tokens - 16, 8)]
     text = tokenizer.decode(words) + "\nSummarize the text above in two sentences."
-    msgs = [{"role": "user", "content": text}]
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
-    return tokenizer.encode(text)
+    return prompt_tokens(tokenizer, text)
 
 
 def _decode_tps(model, tokens: List[int], n: int) -> float:
