@@ -3,7 +3,6 @@
 
 import contextlib
 import io
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -13,7 +12,13 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+from mlx_lm.utils import (
+    _get_classes,
+    get_total_parameters,
+    quantize_model,
+    save_config,
+    save_model,
+)
 from tqdm import tqdm
 
 from ..errors import IFPError
@@ -226,8 +231,6 @@ def convert(
         save_config(cfg, tmp / "config.json")
         params = dict(tree_flatten(model.parameters()))
         n_bytes = sum(v.nbytes for v in params.values())
-        from mlx_lm.utils import get_total_parameters
-
         n_params = get_total_parameters(model)
 
     return Summary(

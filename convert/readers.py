@@ -6,12 +6,11 @@ dtypes; mlx-lm's ``sanitize`` maps them later. Pickles are read with
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
-import numpy as np
 
 from ..errors import IFPError
 
@@ -37,7 +36,6 @@ class Checkpoint:
     # Either a folder holding tokenizer files, or a callable that writes them into a folder.
     tokenizer: Optional[object] = None
     source: str = ""
-    notes: List[str] = field(default_factory=list)
 
 
 def read_config(path: Path) -> dict:

@@ -25,10 +25,6 @@ class UnitLinear(nn.Module):
         if bias:
             self.bias = mx.zeros((output_dims,))
 
-    @property
-    def units(self) -> int:
-        return self.weight.shape[0]
-
     def __call__(self, x: mx.array) -> mx.array:
         y = x @ self["weight"]
         if "bias" in self:
@@ -75,10 +71,6 @@ class QuantizedUnitLinear(nn.Module):
         if bias:
             self.bias = mx.zeros((output_dims,))
         self.freeze()
-
-    @property
-    def units(self) -> int:
-        return self.weight.shape[0]
 
     def __call__(self, x: mx.array) -> mx.array:
         y = mx.quantized_matmul(
