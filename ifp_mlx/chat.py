@@ -17,7 +17,7 @@ from mlx_lm.utils import common_prefix_len
 from .errors import IFPError
 from .generate import IFPResponse, prompt_tokens, stream_generate
 from .predictors import get_predictor
-from .selection import Budget, budget_units
+from .selection import Budget, budget_units, is_dense
 
 POLICIES = ("first-turn", "per-turn")
 
@@ -76,8 +76,7 @@ class Conversation:
         messages = self.messages + [{"role": "user", "content": text}]
         full = prompt_tokens(self.tokenizer, messages)
         new = self._new_tokens(full)
-        dense = isinstance(self.keep, (int, float)) and float(self.keep) == 1.0
-        reselect = not dense and (self.policy == "per-turn" or not self._selected)
+        reselect = not is_dense(self.keep) and (self.policy == "per-turn" or not self._selected)
         answer, generated, started = "", [], False
         stream = stream_generate(
             self.model,

@@ -16,7 +16,7 @@ from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import IFPError
-from .selection import Budget, Selection
+from .selection import Budget, Selection, is_dense
 
 Prompt = Union[str, List[int], List[dict]]
 
@@ -78,10 +78,6 @@ class IFPResponse(GenerationResponse):
     ifp: IFPStats = field(default_factory=IFPStats)
 
 
-def _is_dense(keep: Budget) -> bool:
-    return keep is not None and isinstance(keep, (int, float)) and float(keep) == 1.0
-
-
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -115,7 +111,7 @@ def stream_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     rest = tokens
-    if _is_dense(keep):
+    if is_dense(keep):
         model.dense()
     elif reselect or model.selection is None:
         sel: Selection = model.select(tokens, keep=keep, predictor=predictor, cache=cache)

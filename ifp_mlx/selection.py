@@ -32,6 +32,11 @@ def check_keep(keep: float) -> float:
     return keep
 
 
+def is_dense(keep: Budget) -> bool:
+    """An explicit uniform keep of 1.0 (None means the folder's default budget, not dense)."""
+    return isinstance(keep, (int, float)) and float(keep) == 1.0
+
+
 def budget_units(keep: Budget, units: Sequence[int], block: int = 1) -> List[int]:
     """Units to keep per layer: a uniform fraction, or an explicit per-layer list of fractions.
 

@@ -137,3 +137,13 @@ def test_generate_api_and_stats(tiny):
         ifp_mlx.generate(model, tok, "   ")
     with pytest.raises(IFPError, match="context"):
         ifp_mlx.generate(model, tok, list(range(3, 90)) * 3)
+
+
+def test_one_token_prompt_leaves_cache_empty(tiny):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = tiny
+    cache = make_prompt_cache(model)
+    sel = model.select([7], keep=0.5, cache=cache)
+    assert sel.prefilled == 0 and cache[0].offset == 0
+    model.dense()

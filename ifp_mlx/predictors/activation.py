@@ -29,7 +29,10 @@ class ActivationPredictor:
     name = "activation"
 
     def score(self, model: nn.Module, tokens: List[int], cache: Optional[list]) -> Scores:
-        body = tokens[:-1] if len(tokens) > 1 else tokens
+        if len(tokens) == 1:  # nothing to prefill: score the lone token without the cache
+            body, cache = tokens, None
+        else:  # the last token is left for the pruned model to feed when decoding starts
+            body = tokens[:-1]
         sums = None
         with tap_ffns(model) as records:
             for start in range(0, len(body), PREFILL_STEP):
@@ -38,10 +41,5 @@ class ActivationPredictor:
                 part = [_sq_normalized(r.pop()) for r in records]
                 sums = part if sums is None else [a + b for a, b in zip(sums, part)]
                 mx.eval(sums, [c.state for c in cache] if cache else [])
-        scores = [mx.sqrt(s) for s in sums]
-        prefilled = len(body) if cache is not None and len(tokens) > 1 else 0
-        if cache is not None and prefilled == 0:  # 1-token prompt: undo, let decode feed it
-            from mlx_lm.models.cache import trim_prompt_cache
-
-            trim_prompt_cache(cache, len(body))
-        return Scores(scores, prefilled)
+        prefilled = len(body) if cache is not None else 0
+        return Scores([mx.sqrt(s) for s in sums], prefilled)
