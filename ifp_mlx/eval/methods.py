@@ -10,7 +10,7 @@ evaluated without changes here.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +20,7 @@ from ..errors import IFPError
 from ..model import find_ffns, tap_ffns
 from ..predictors import Scores, available
 from ..predictors.activation import ActivationPredictor
-from ..selection import budget_units, check_keep, is_dense
+from ..selection import check_keep, is_dense
 
 Prepared = Tuple[list, int]  # (KV cache, prompt tokens already in it)
 

@@ -131,12 +131,17 @@ def complete(
     return text[:cut]
 
 
-def passes(program: str, timeout: float = 10.0) -> bool:
+def program(ex, completion: str) -> str:
+    """A HumanEval candidate: prompt + completion + the problem's tests + the check call."""
+    return f"{ex.prompt}{completion}\n\n{ex.test}\n\ncheck({ex.entry_point})\n"
+
+
+def passes(source: str, timeout: float = 10.0) -> bool:
     """Run a candidate program + its tests in a fresh interpreter; True when it exits 0."""
     with tempfile.TemporaryDirectory(prefix="ifp-eval-exec-") as tmp:
         path = os.path.join(tmp, "candidate.py")
         with open(path, "w") as f:
-            f.write(SANDBOX + program)
+            f.write(SANDBOX + source)
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
         try:
             r = subprocess.run(

@@ -19,7 +19,7 @@ from ..generate import prompt_tokens
 from ..model import dequantize
 from . import data
 from .methods import Method, check_keeps, check_methods, method_names
-from .metrics import answer_loss, complete, fidelity, fidelity_cases, multiple_choice, passes
+from .metrics import answer_loss, complete, fidelity, fidelity_cases, multiple_choice, passes, program
 
 METRICS = ("chat-loss", "fidelity", "mmlu", "humaneval", "text-ppl", "speed")
 SCHEMA = "ifp-eval/1"
@@ -236,7 +236,7 @@ def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
         ok = 0
         for ex, prompt, solution in items:
             code = complete(method, tokenizer, prompt, solution, keep, cfg.humaneval_tokens)
-            ok += passes(f"{ex.prompt}{code}\n\n{ex.test}\n\ncheck({ex.entry_point})\n")
+            ok += passes(program(ex, code))
         return {"humaneval_pass1": ok / max(len(items), 1)}
     if metric == "text-ppl":
         return {"text_ppl": math.exp(answer_loss(method, items, keep))}

