@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT_FILE",
         help="reorder FFN units by co-activation on this calibration text",
     )
+    p.add_argument("--predictor", help="import a torch-trained predictor (state dict file)")
+    p.add_argument("--predictor-config", help="its JSON config (encoder_layers, hidden)")
     p.add_argument("--revision", help="hub revision (for a repo id)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -48,6 +50,8 @@ def main(argv=None) -> None:
             force=args.force,
             revision=args.revision,
             progress=not args.no_progress,
+            predictor=args.predictor,
+            predictor_config=args.predictor_config,
         )
         print(summary.line())
 

@@ -179,12 +179,18 @@ def convert(
     force: bool = False,
     revision: Optional[str] = None,
     progress: bool = True,
+    predictor: Optional[Union[str, Path]] = None,
+    predictor_config: Optional[Union[str, Path]] = None,
 ) -> Summary:
     """Convert a checkpoint into an ifp-mlx model folder. Returns a :class:`Summary`."""
     start = time.perf_counter()
     output = Path(output)
     _check_options(dtype, quantize, q_bits, q_group_size)
     check_output(output, force)
+    if predictor is not None and permute_units_text is not None:
+        raise IFPError("--predictor cannot be combined with --permute-units (unit order differs)")
+    if predictor is not None and predictor_config is None:
+        raise IFPError("--predictor needs --predictor-config (a JSON with encoder_layers, hidden)")
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise IFPError(f"--tokenizer {tokenizer} is not a folder")
 
@@ -227,6 +233,15 @@ def convert(
             "permuted_units": permute_units_text is not None,
             "source": Path(str(source)).name,
         }
+        if predictor is not None:
+            from ..predictors.learned import save
+            from .predictor import import_predictor
+
+            hidden_size = int(cfg["hidden_size"])
+            head = import_predictor(
+                predictor, predictor_config, cfg["ifp"]["ffn_units"], hidden_size
+            )
+            cfg["ifp"]["predictor"] = save(head, tmp)
         save_model(tmp, model)
         save_config(cfg, tmp / "config.json")
         params = dict(tree_flatten(model.parameters()))

@@ -74,5 +74,9 @@ def load(
         raise IFPError(
             f"{path}: ifp budget has {len(budget)} layers, the model {len(model.ffn_units)}"
         )
+    if ifp_config.get("predictor"):
+        from .predictors.learned import load_head
+
+        object.__setattr__(model, "_ifp_predictor", load_head(path, ifp_config["predictor"]))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer

@@ -122,11 +122,15 @@ class Method:
 
 
 def method_names(model: Optional[nn.Module] = None) -> List[str]:
-    """Every method available (for a given model: ifp-searched only with a searched budget)."""
-    names = ["dense", "static"] + [f"ifp-{p}" for p in available()] + ["oracle"]
+    """Every method (for a given model, only those it can run: ``ifp-learned`` needs a trained
+    predictor in the folder, ``ifp-searched`` a searched budget)."""
+    preds = [p for p in available() if p != "learned"]
+    if model is None or model.__dict__.get("_ifp_predictor") is not None:
+        preds.append("learned")
+    names = ["dense", "static"] + [f"ifp-{p}" for p in preds]
     if model is None or model.__dict__.get("_ifp_config", {}).get("budget"):
-        names.insert(-1, "ifp-searched")
-    return names
+        names.append("ifp-searched")
+    return names + ["oracle"]
 
 
 def check_methods(names: Sequence[str]) -> None:

@@ -19,7 +19,15 @@ from ..generate import prompt_tokens
 from ..model import dequantize
 from . import data
 from .methods import Method, check_keeps, check_methods, method_names
-from .metrics import answer_loss, complete, fidelity, fidelity_cases, multiple_choice, passes, program
+from .metrics import (
+    answer_loss,
+    complete,
+    fidelity,
+    fidelity_cases,
+    multiple_choice,
+    passes,
+    program,
+)
 
 METRICS = ("chat-loss", "fidelity", "mmlu", "humaneval", "text-ppl", "speed")
 SCHEMA = "ifp-eval/1"

@@ -47,4 +47,4 @@ def available() -> List[str]:
     return sorted(_REGISTRY)
 
 
-from . import activation  # noqa: E402,F401  (registers itself)
+from . import activation, learned  # noqa: E402,F401  (register themselves)

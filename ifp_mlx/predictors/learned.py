@@ -1,0 +1,164 @@
+"""The learned sparsity predictor (IFPruning, arXiv 2501.02086).
+
+An encoder reads the prompt — by default the target model's own embeddings and first
+``encoder_layers`` layers, so there are no extra encoder weights and the tokenizer is shared —
+and its mean-pooled and last-token hidden states go through an MLP head (2d → hidden → Σ units)
+that scores every FFN unit of every layer. Scores are standardized per layer, so one SoftTopK
+temperature fits all layers. Selection costs ``encoder_layers`` of the model's layers instead
+of a dense prefill; the pruned model then prefills the prompt itself.
+"""
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import IFPError
+from . import Scores, register
+
+WEIGHTS = "predictor.safetensors"
+
+
+@dataclass
+class PredictorConfig:
+    units: List[int]  # FFN units per layer of the target model
+    hidden_size: int  # the encoder's hidden size
+    encoder_layers: int = 2
+    hidden: int = 128
+    recipe: dict = field(default_factory=dict)  # how it was trained (informational)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PredictorConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+class PredictorHead(nn.Module):
+    """Pooled prompt features → per-layer standardized unit scores."""
+
+    def __init__(self, cfg: PredictorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.fc1 = nn.Linear(2 * cfg.hidden_size, cfg.hidden)
+        self.fc2 = nn.Linear(cfg.hidden, sum(cfg.units))
+
+    def __call__(self, features: mx.array) -> List[mx.array]:
+        """features (..., 2d) → list over layers of (..., units_l) z-scored scores."""
+        d = self.cfg.hidden_size
+        x = mx.concatenate([_rms(features[..., :d]), _rms(features[..., d:])], axis=-1)
+        flat = self.fc2(nn.gelu(self.fc1(x)))
+        out, start = [], 0
+        for n in self.cfg.units:
+            s = flat[..., start : start + n]
+            start += n
+            mu = s.mean(-1, keepdims=True)
+            out.append((s - mu) / (mx.sqrt(((s - mu) ** 2).mean(-1, keepdims=True)) + 1e-5))
+        return out
+
+
+def _rms(x: mx.array) -> mx.array:
+    return x * mx.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+
+
+class _Stop(Exception):
+    def __init__(self, h):
+        self.h = h
+
+
+def _catcher(layer: nn.Module) -> nn.Module:
+    """A shallow copy of ``layer`` whose call raises :class:`_Stop` with its input (the family's
+    model loop may read attributes of the layer, e.g. ``use_sliding``: they stay intact)."""
+
+    def stop(self, h, *args, **kwargs):
+        raise _Stop(h)
+
+    catcher = copy.copy(layer)
+    catcher.__class__ = type(f"Stop{type(layer).__name__}", (type(layer),), {"__call__": stop})
+    return catcher
+
+
+def encode(model: nn.Module, tokens, layers: int) -> mx.array:
+    """Mean-pooled and last-token hidden states after the first ``layers`` layers, (B, 2d).
+
+    Runs the model's own forward pass and stops it at layer ``layers`` (family-agnostic: any
+    mlx-lm model that loops over ``model.model.layers``); ``tokens`` is a list or a (B, T) array
+    of equal-length prompts.
+    """
+    inner = model.model
+    full = inner.layers
+    x = mx.array(tokens)
+    if x.ndim == 1:
+        x = x[None]
+    if not 0 <= layers < len(full):
+        raise IFPError(f"encoder_layers must be in [0, {len(full) - 1}], not {layers}")
+    inner.layers = full[:layers] + [_catcher(full[layers])]
+    try:
+        model(x)
+        raise AssertionError("the encoder did not reach its stop layer")
+    except _Stop as stop:
+        h = stop.h.astype(mx.float32)
+    finally:
+        inner.layers = full
+    return mx.concatenate([h.mean(1), h[:, -1]], axis=-1)
+
+
+def save(head: PredictorHead, folder: Path) -> dict:
+    """Write the head beside the model; returns the ``ifp.predictor`` config entry."""
+    mx.save_safetensors(str(Path(folder) / WEIGHTS), dict(_flat(head)))
+    return {"type": "learned", "file": WEIGHTS, **asdict(head.cfg)}
+
+
+def _flat(module: nn.Module):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(module.parameters())
+
+
+def load_head(folder: Path, entry: dict) -> PredictorHead:
+    cfg = PredictorConfig.from_dict(entry)
+    head = PredictorHead(cfg)
+    path = Path(folder) / entry.get("file", WEIGHTS)
+    if not path.is_file():
+        raise IFPError(f"{folder}: the learned predictor's weights {path.name} are missing")
+    try:
+        head.load_weights(str(path), strict=True)
+    except ValueError as e:
+        raise IFPError(f"{path}: does not match its config ({str(e).splitlines()[0][:160]})")
+    mx.eval(head.parameters())
+    return head
+
+
+def write_entry(folder: Path, entry: Optional[dict]) -> None:
+    """Set (or remove) ``ifp.predictor`` in a model folder's config.json, atomically."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if entry is None:
+        config.get("ifp", {}).pop("predictor", None)
+    else:
+        config.setdefault("ifp", {})["predictor"] = entry
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=4))
+    tmp.replace(path)
+
+
+@register
+class LearnedPredictor:
+    """Scores from the head that ``ifp_mlx.load`` found in the model folder."""
+
+    name = "learned"
+
+    def __init__(self, head: Optional[PredictorHead] = None):
+        self.head = head
+
+    def score(self, model: nn.Module, tokens: List[int], cache) -> Scores:
+        head = self.head or model.__dict__.get("_ifp_predictor")
+        if head is None:
+            raise IFPError("this model folder has no learned predictor (train one: ifp-train)")
+        if head.cfg.units != model.ffn_units:
+            raise IFPError("the learned predictor was trained for a different model")
+        feats = encode(model, tokens, head.cfg.encoder_layers)
+        return Scores([s[0] for s in head(feats)], 0)

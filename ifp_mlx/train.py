@@ -1,0 +1,292 @@
+"""``ifp-train``: fit the learned sparsity predictor against a frozen LLM (IFPruning stage 0).
+
+Each step: the head scores every unit from the prompt features, SoftTopK turns the scores into
+per-layer masks (hard top-k forward, soft gradient backward, so training sees exactly the pruned
+model inference runs), the frozen LLM runs prompt + answer with its FFN activations multiplied
+by the masks, and the loss is the next-token loss of the answer (optionally + KL to the dense
+model). Only the head learns; the encoder is the LLM's own first layers, so its prompt
+features are computed once up front.
+"""
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from tqdm import tqdm
+
+from .errors import IFPError
+from .model import dequantize, tap_ffns
+from .predictors.learned import PredictorConfig, PredictorHead, encode, save, write_entry
+from .predictors.softtopk import straight_through
+from .selection import budget_units, check_keep
+
+Example = Tuple[List[int], List[int]]  # (prompt tokens, answer tokens)
+
+
+@dataclass
+class TrainConfig:
+    keep: float = 0.5
+    keep_max: Optional[float] = None  # sample keep uniformly in [keep, keep_max] per step
+    steps: int = 300
+    batch: int = 4
+    lr: float = 3e-3
+    tau: float = 0.5  # SoftTopK temperature (scores are z-scored per layer)
+    distill: float = 0.0  # weight of KL(dense ‖ pruned) on the answer
+    encoder_layers: int = 2
+    hidden: int = 128
+    n_train: int = 1200
+    n_val: int = 24
+    max_prompt: int = 128
+    max_answer: int = 64
+    val_every: int = 50
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "TrainConfig":
+        presets = {
+            "quick": dict(steps=6, batch=2, n_train=8, n_val=3, max_prompt=32, max_answer=8,
+                          val_every=3),
+            # SmolLM2-135M on a 2-core CPU: about 30 minutes.
+            "cpu": dict(),
+            # What a full run wants: ~20k prompts, longer answers, distillation, a GPU / Mac.
+            "full": dict(steps=5000, batch=16, n_train=20000, n_val=256, max_prompt=512,
+                         max_answer=256, distill=1.0),
+        }  # fmt: skip
+        if name not in presets:
+            raise IFPError(f"unknown preset {name!r} (have: {', '.join(presets)})")
+        return cls(**{**presets[name], **kw})
+
+
+def check(cfg: TrainConfig, units: List[int]) -> None:
+    check_keep(cfg.keep)
+    if cfg.keep_max is not None and not (cfg.keep <= check_keep(cfg.keep_max)):
+        raise IFPError("--keep-max must be ≥ --keep")
+    for k, n in zip(budget_units(cfg.keep, units), units):
+        if round(cfg.keep * n) < 1:
+            raise IFPError(f"keep {cfg.keep} rounds to 0 of a layer's {n} units")
+    if cfg.steps <= 0 or cfg.batch <= 0 or cfg.n_train <= 0 or cfg.n_val <= 0:
+        raise IFPError("steps, batch, n-train and n-val must be positive")
+
+
+def examples(tokenizer, split: str, n: int, cfg: TrainConfig) -> List[Example]:
+    """ShareGPT (prompt, answer) pairs of a split, length-capped, in the split's fixed order."""
+    from .eval import data
+    from .generate import prompt_tokens
+
+    out = []
+    for ex in data.sharegpt(split):
+        if len(out) >= n:
+            break
+        p = prompt_tokens(tokenizer, ex.prompt)
+        a = tokenizer.encode(ex.answer, add_special_tokens=False)[: cfg.max_answer]
+        if len(p) <= cfg.max_prompt and len(a) >= 2:
+            out.append((p, a))
+    if not out:
+        raise IFPError(f"no usable training data in the ShareGPT {split!r} split")
+    return out
+
+
+def _batch(items: List[Example]):
+    """Right-padded token batch, answer-position weights and targets."""
+    seqs = [p + a for p, a in items]
+    T = max(len(s) for s in seqs)
+    x = np.zeros((len(items), T), np.int32)
+    y = np.zeros((len(items), T - 1), np.int32)
+    w = np.zeros((len(items), T - 1), np.float32)
+    for i, ((p, a), s) in enumerate(zip(items, seqs)):
+        x[i, : len(s)] = s
+        y[i, : len(s) - 1] = s[1:]
+        w[i, len(p) - 1 : len(s) - 1] = 1.0
+    return mx.array(x), mx.array(y), mx.array(w)
+
+
+def _features(model, items: List[Example], layers: int) -> mx.array:
+    feats = [encode(model, p, layers)[0] for p, _ in items]
+    out = mx.stack(feats)
+    mx.eval(out)
+    return out
+
+
+class Trainer:
+    def __init__(self, model, tokenizer, cfg: TrainConfig, folder: Path, progress: bool = True):
+        self.model, self.tok, self.cfg, self.folder = model, tokenizer, cfg, Path(folder)
+        self.progress = progress
+        dequantize(model)  # fp32 training (CPU); the saved model folder is untouched
+        model.dense()
+        model.freeze()
+        units = model.ffn_units
+        check(cfg, units)
+        hidden_size = int(model.model.embed_tokens.weight.shape[-1])
+        pcfg = PredictorConfig(units, hidden_size, cfg.encoder_layers, cfg.hidden)
+        pcfg.recipe = {"trainer": "ifp-train (frozen LLM)", **asdict(cfg)}
+        mx.random.seed(cfg.seed)
+        self.head = PredictorHead(pcfg)
+        self.opt = optim.Adam(learning_rate=cfg.lr)
+        self.step = 0
+        self.history: List[dict] = []
+
+    # ---- data
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.train = examples(self.tok, "train", cfg.n_train, cfg)
+        self.val = examples(self.tok, "val", cfg.n_val, cfg)
+        L = cfg.encoder_layers
+        self.train_f = _features(self.model, self.train, L)
+        self.val_f = _features(self.model, self.val, L)
+        if self.step == 0:
+            self._init_from_static()
+
+    def _init_from_static(self) -> None:
+        """Start at static pruning: the output bias holds z-scored calibration importances, so
+        step 0 is a sensible mask and training learns the prompt-dependent part."""
+        from .eval.methods import static_scores
+
+        calib = [p + a for p, a in self.train[:64]]
+        flat = mx.concatenate(
+            [(s - s.mean()) / (s.std() + 1e-6) for s in static_scores(self.model, calib)]
+        )
+        self.head.fc2.bias = flat
+        self.head.fc2.weight = self.head.fc2.weight * 0.1
+        mx.eval(self.head.parameters())
+
+    # ---- loss
+    def _masks(self, feats: mx.array, keep: float, hard_only: bool = False):
+        ks = budget_units(keep, self.model.ffn_units)
+        scores = self.head(feats)
+        if hard_only:
+            from .predictors.softtopk import hard_topk
+
+            return [hard_topk(s, k)[:, None, :] for s, k in zip(scores, ks)]
+        return [straight_through(s, k, self.cfg.tau)[:, None, :] for s, k in zip(scores, ks)]
+
+    def _loss(self, head, feats, x, y, w, keep, dense_logp=None):
+        masks = self._masks(feats, keep)
+        with tap_ffns(self.model, record=False, masks=masks):
+            logits = self.model(x)[:, :-1].astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, y) * w
+        loss = ce.sum() / w.sum()
+        if dense_logp is not None and self.cfg.distill:
+            logq = logits - mx.logsumexp(logits, -1, keepdims=True)
+            kl = ((mx.exp(dense_logp) * (dense_logp - logq)).sum(-1) * w).sum() / w.sum()
+            loss = loss + self.cfg.distill * kl
+        return loss
+
+    def val_loss(self, keep: Optional[float] = None) -> float:
+        """Answer loss of the hard-pruned model on the val split (what inference runs)."""
+        keep = self.cfg.keep if keep is None else keep
+        total, count = 0.0, 0.0
+        for i in range(len(self.val)):
+            x, y, w = _batch(self.val[i : i + 1])
+            masks = self._masks(self.val_f[i : i + 1], keep, hard_only=True)
+            with tap_ffns(self.model, record=False, masks=masks):
+                logits = self.model(x)[:, :-1].astype(mx.float32)
+            total += (nn.losses.cross_entropy(logits, y) * w).sum().item()
+            count += w.sum().item()
+        return total / count
+
+    def mask_diversity(self, keep: Optional[float] = None) -> float:
+        """Mean fraction of kept units that differ between two val prompts' masks (0 = the
+        predictor ignores the prompt, i.e. collapsed to static)."""
+        keep = self.cfg.keep if keep is None else keep
+        masks = self._masks(self.val_f, keep, hard_only=True)
+        m = mx.concatenate([x[:, 0] for x in masks], axis=-1)  # (n_val, Σ units)
+        n = m.shape[0]
+        if n < 2:
+            return 0.0
+        overlap = (m @ m.T) / m.sum(-1)[:, None]
+        off = (overlap.sum() - mx.trace(overlap)) / (n * (n - 1))
+        return 1.0 - off.item()
+
+    # ---- loop
+    def run(self, checkpoint: Optional[Path] = None) -> dict:
+        cfg = self.cfg
+        loss_and_grad = nn.value_and_grad(self.head, self._loss)
+        if self.step == 0:
+            self.history.append(
+                {"step": 0, "val_loss": self.val_loss(), "diversity": self.mask_diversity()}
+            )
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="ifp-train", disable=not self.progress)
+        tic = time.perf_counter()
+        while self.step < cfg.steps:
+            rng = random.Random(cfg.seed * 1_000_003 + self.step)  # per step: resumable
+            idx = [rng.randrange(len(self.train)) for _ in range(cfg.batch)]
+            items = [self.train[i] for i in idx]
+            x, y, w = _batch(items)
+            feats = self.train_f[mx.array(idx)]
+            keep = cfg.keep if cfg.keep_max is None else rng.uniform(cfg.keep, cfg.keep_max)
+            dense_logp = None
+            if cfg.distill:
+                d = self.model(x)[:, :-1].astype(mx.float32)
+                dense_logp = mx.stop_gradient(d - mx.logsumexp(d, -1, keepdims=True))
+            loss, grads = loss_and_grad(self.head, feats, x, y, w, keep, dense_logp)
+            self.opt.update(self.head, grads)
+            mx.eval(self.head.parameters(), self.opt.state, loss)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                rec = {"step": self.step, "train_loss": loss.item(), "val_loss": self.val_loss(),
+                       "diversity": self.mask_diversity()}  # fmt: skip
+                self.history.append(rec)
+                bar.write(
+                    f"step {self.step}: val loss {rec['val_loss']:.4f}, mask diversity "
+                    f"{rec['diversity']:.3f}"
+                )
+                if checkpoint is not None:
+                    self.save_checkpoint(checkpoint)
+        bar.close()
+        return {"seconds": time.perf_counter() - tic, "history": self.history}
+
+    # ---- checkpoints and output
+    def _fingerprint(self) -> dict:
+        c = self.head.cfg
+        return {"units": c.units, "hidden_size": c.hidden_size,
+                "encoder_layers": c.encoder_layers, "hidden": c.hidden}  # fmt: skip
+
+    def save_checkpoint(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "state.tmp.safetensors"
+        arrays = {f"head.{k}": v for k, v in tree_flatten(self.head.parameters())}
+        arrays.update(
+            {f"opt.{k}": v for k, v in tree_flatten(self.opt.state) if isinstance(v, mx.array)}
+        )
+        mx.save_safetensors(str(tmp), arrays)
+        tmp.replace(folder / "state.safetensors")
+        meta = {"step": self.step, "fingerprint": self._fingerprint(), "history": self.history}
+        (folder / "meta.tmp.json").write_text(json.dumps(meta))
+        (folder / "meta.tmp.json").replace(folder / "meta.json")
+
+    def resume(self, folder: Path) -> None:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            arrays = mx.load(str(folder / "state.safetensors"))
+        except (OSError, ValueError) as e:
+            raise IFPError(f"cannot resume from {folder}: {str(e).splitlines()[0][:160]}")
+        if meta.get("fingerprint") != self._fingerprint():
+            raise IFPError(f"checkpoint {folder} was made for a different model or predictor shape")
+        head = [(k[5:], v) for k, v in arrays.items() if k.startswith("head.")]
+        self.head.load_weights(head, strict=True)
+        opt = [(k[4:], v) for k, v in arrays.items() if k.startswith("opt.")]
+        state = dict(tree_unflatten(opt)) if opt else {}
+        state["step"] = mx.array(meta["step"], mx.uint64)
+        state["learning_rate"] = mx.array(self.cfg.lr)
+        self.opt.state = state
+        self.step = meta["step"]
+        self.history = meta.get("history", [])
+
+    def write(self) -> dict:
+        """Save the head beside the model and point the folder's ``ifp`` config at it."""
+        entry = save(self.head, self.folder)
+        entry["recipe"]["history"] = self.history
+        write_entry(self.folder, entry)
+        return entry
