@@ -113,6 +113,9 @@ def dequantize(model: nn.Module) -> nn.Module:
     """Float copy of every quantized layer in place (reference models in tests and evals)."""
     from mlx_lm.utils import dequantize_model
 
+    if hasattr(model, "dense"):  # restore, then forget the IFP store of quantized modules
+        model.dense()
+        model.__dict__.pop("_ifp_full", None)
     for _, mlp in find_ffns(model):
         if isinstance(mlp.down_proj, QuantizedUnitLinear):
             mlp.down_proj = mlp.down_proj.dequantized()

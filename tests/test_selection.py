@@ -1,13 +1,14 @@
 """Per-prompt selection and materialization on tiny random models (float and 4-bit)."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 import ifp_mlx
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError
-from ifp_mlx.model import tap_ffns
+from ifp_mlx.model import UnitLinear, dequantize, find_ffns, tap_ffns
 from ifp_mlx.selection import Selection, budget_units, top_units
 from tests.helpers import make_tiny_hf
 
@@ -147,3 +148,15 @@ def test_one_token_prompt_leaves_cache_empty(tiny):
     sel = model.select([7], keep=0.5, cache=cache)
     assert sel.prefilled == 0 and cache[0].offset == 0
     model.dense()
+
+
+def test_dequantize_after_a_selection_really_swaps_in_float_layers(tmp_path):
+    src = make_tiny_hf("llama", tmp_path / "hf", seed=7)
+    convert(src, tmp_path / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    model, _ = ifp_mlx.load(tmp_path / "m")
+    model.select(TOKENS, keep=0.5)
+    dequantize(model)
+    model.dense()
+    model.select(TOKENS, keep=0.5)
+    mlp = find_ffns(model)[0][1]
+    assert all(isinstance(p, (nn.Linear, UnitLinear)) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
