@@ -8,11 +8,10 @@ small JSON config ``{"encoder_layers": k, "hidden": 128}``. Its forward must be 
 k layers, each half RMS-normalized, fc1 → exact GELU → fc2, then z-scored per layer.
 """
 
-import json
 from pathlib import Path
 from typing import List
 
-from ..errors import IFPError
+from ..errors import IFPError, read_json
 from ..predictors.learned import PredictorConfig, PredictorHead
 from .readers import load_weight_file
 
@@ -26,12 +25,7 @@ def import_predictor(
     state_path, config_path = Path(state_path), Path(config_path)
     if not state_path.is_file():
         raise IFPError(f"predictor weights {state_path} do not exist")
-    try:
-        raw = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise IFPError(f"predictor config {config_path} does not exist")
-    except json.JSONDecodeError as e:
-        raise IFPError(f"garbled predictor config {config_path}: {e}")
+    raw = read_json(config_path, "predictor config")
     weights = {ALIASES.get(k, k): v for k, v in load_weight_file(state_path).items()}
     weights = {k.removeprefix("head."): v for k, v in weights.items()}
     need = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}

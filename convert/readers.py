@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 
-from ..errors import IFPError
+from ..errors import IFPError, read_json
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 TOKENIZER_FILES = (
@@ -39,14 +39,7 @@ class Checkpoint:
 
 
 def read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise IFPError(f"missing config: {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IFPError(f"garbled config {path}: not valid JSON ({e})")
-    if not isinstance(config, dict):
-        raise IFPError(f"garbled config {path}: expected a JSON object")
+    config = read_json(path)
     if "model_type" not in config:
         raise IFPError(f"config {path} has no 'model_type'")
     return config

@@ -23,3 +23,20 @@ def cli_errors(prog: str):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130)
+
+
+def read_json(path, what: str = "config") -> dict:
+    """A JSON object from ``path``, or one clear error line (missing, garbled, not an object)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise IFPError(f"missing {what}: {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IFPError(f"garbled {what} {path}: not valid JSON ({e})")
+    if not isinstance(data, dict):
+        raise IFPError(f"garbled {what} {path}: expected a JSON object")
+    return data

@@ -1,6 +1,5 @@
 """Load an ifp-mlx model folder into an mlx-lm model with unit-major FFNs."""
 
-import json
 import re
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -9,7 +8,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .errors import IFPError
+from .errors import IFPError, read_json
 from .model import FORMAT_VERSION, ifp_model_class
 
 
@@ -28,13 +27,7 @@ def _resolve(path: Union[str, Path]) -> Path:
 
 
 def read_ifp_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise IFPError(f"{path} has no config.json")
-    except json.JSONDecodeError as e:
-        raise IFPError(f"garbled config {cfg_path}: {e}")
+    config = read_json(path / "config.json")
     ifp = config.get("ifp")
     if not isinstance(ifp, dict):
         raise IFPError(

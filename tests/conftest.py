@@ -67,3 +67,14 @@ def smol_q4(smol_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_hf("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_q4(tmp_path_factory) -> Path:
+    """A tiny random llama converted to 4-bit (group 32)."""
+    from ifp_mlx.convert import convert
+
+    root = tmp_path_factory.mktemp("tiny-q4")
+    src = make_tiny_hf("llama", root / "hf", seed=2)
+    convert(src, root / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    return root / "m"

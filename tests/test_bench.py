@@ -7,17 +7,7 @@ import sys
 
 import pytest
 
-from ifp_mlx.convert import convert
 from ifp_mlx.speed import ideal_speedup
-from tests.helpers import make_tiny_hf
-
-
-@pytest.fixture(scope="module")
-def tiny_q4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    src = make_tiny_hf("llama", root / "hf", seed=2)
-    convert(src, root / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
-    return root / "m"
 
 
 def test_ideal_speedup_formula():

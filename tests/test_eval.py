@@ -6,21 +6,11 @@ import pytest
 
 import ifp_mlx
 from ifp_mlx.apps import eval as eval_app
-from ifp_mlx.convert import convert
 from ifp_mlx.eval import data
 from ifp_mlx.eval.methods import FixedPredictor, Method, static_scores
 from ifp_mlx.eval.metrics import passes, program
-from tests.helpers import make_tiny_hf
 
 ROW_KEYS = {"chat_loss", "fidelity_kl", "fidelity_agree", "mmlu_acc", "humaneval_pass1", "text_ppl"}
-
-
-@pytest.fixture(scope="module")
-def tiny_q4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    src = make_tiny_hf("llama", root / "hf", seed=3)
-    convert(src, root / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
-    return root / "m"
 
 
 @pytest.fixture(scope="module")

@@ -159,4 +159,6 @@ def test_dequantize_after_a_selection_really_swaps_in_float_layers(tmp_path):
     model.dense()
     model.select(TOKENS, keep=0.5)
     mlp = find_ffns(model)[0][1]
-    assert all(isinstance(p, (nn.Linear, UnitLinear)) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert all(
+        isinstance(p, (nn.Linear, UnitLinear)) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    )
