@@ -93,18 +93,6 @@ CONVERSATIONS = [
 ]
 
 
-def _kl_agreement(dense_logits, pruned_logits):
-    import mlx.core as mx
-
-    p = dense_logits.astype(mx.float32)
-    q = pruned_logits.astype(mx.float32)
-    logp = p - mx.logsumexp(p, axis=-1, keepdims=True)
-    logq = q - mx.logsumexp(q, axis=-1, keepdims=True)
-    kl = (mx.exp(logp) * (logp - logq)).sum(-1).mean().item()
-    agree = (p.argmax(-1) == q.argmax(-1)).astype(mx.float32).mean().item()
-    return kl, agree
-
-
 def policies(model, tokenizer, keep: float = 0.5, answer_tokens: int = 32) -> dict:
     """first-turn vs per-turn on two-turn conversations.
 
@@ -117,6 +105,7 @@ def policies(model, tokenizer, keep: float = 0.5, answer_tokens: int = 32) -> di
     from mlx_lm.generate import generate_step
 
     from .chat import Conversation
+    from .eval.metrics import kl_agreement
     from .generate import prompt_tokens
 
     out = {"keep": keep, "answer_tokens": answer_tokens, "conversations": len(CONVERSATIONS)}
@@ -140,7 +129,8 @@ def policies(model, tokenizer, keep: float = 0.5, answer_tokens: int = 32) -> di
         new_turn = p2[len(prompt_tokens(tokenizer, msgs[:1])) :]
         for policy, source in (("first-turn", p1), ("per-turn", new_turn)):
             model.select(source, keep=keep)
-            kl, agree = _kl_agreement(dense, model(seq)[0, len(p2) - 1 : -1])
+            pruned = model(seq)[0, len(p2) - 1 : -1]
+            kl, agree = kl_agreement(dense.astype(mx.float32), pruned.astype(mx.float32))
             stats[policy]["kl"].append(kl)
             stats[policy]["agree"].append(agree)
             conv = Conversation(model, tokenizer, keep=keep, policy=policy)
