@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .errors import IFPError
 from .model import dequantize, tap_ffns
 from .predictors.learned import PredictorConfig, PredictorHead, encode, save, write_entry
-from .predictors.softtopk import straight_through
+from .predictors.softtopk import hard_topk, straight_through
 from .selection import budget_units, check_keep
 
 Example = Tuple[List[int], List[int]]  # (prompt tokens, answer tokens)
@@ -69,7 +69,7 @@ def check(cfg: TrainConfig, units: List[int]) -> None:
     check_keep(cfg.keep)
     if cfg.keep_max is not None and not (cfg.keep <= check_keep(cfg.keep_max)):
         raise IFPError("--keep-max must be ≥ --keep")
-    for k, n in zip(budget_units(cfg.keep, units), units):
+    for n in units:
         if round(cfg.keep * n) < 1:
             raise IFPError(f"keep {cfg.keep} rounds to 0 of a layer's {n} units")
     if cfg.steps <= 0 or cfg.batch <= 0 or cfg.n_train <= 0 or cfg.n_val <= 0:
@@ -162,8 +162,6 @@ class Trainer:
         ks = budget_units(keep, self.model.ffn_units)
         scores = self.head(feats)
         if hard_only:
-            from .predictors.softtopk import hard_topk
-
             return [hard_topk(s, k)[:, None, :] for s, k in zip(scores, ks)]
         return [straight_through(s, k, self.cfg.tau)[:, None, :] for s, k in zip(scores, ks)]
 

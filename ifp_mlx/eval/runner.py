@@ -226,7 +226,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
     out["splits"] = suite.splits
     if "dense" not in methods:
         rows = [r for r in rows if r["method"] != "dense"]
-    order = {m: i for i, m in enumerate(["dense"] + methods)}
+    order = {m: i for i, m in enumerate(["dense"] + [m for m in methods if m != "dense"])}
     out["results"] = sorted(rows, key=lambda r: (order[r["method"]], -r["keep"]))
     out["seconds"] = time.perf_counter() - t0
     return out
