@@ -1,12 +1,9 @@
 """``ifp-eval``: dense vs static vs per-prompt pruning on real data, one run → JSON + plots."""
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
-from ..errors import IFPError, cli_errors
+from ..errors import IFPError, cli_errors, write_json
 
 LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),
@@ -15,6 +12,7 @@ LABELS = [  # (result key, header, format)
     ("mmlu_acc", "MMLU", "{:6.1%}"),
     ("humaneval_pass1", "HumanEval", "{:9.1%}"),
     ("text_ppl", "text ppl", "{:8.2f}"),
+    ("select_ms", "select ms", "{:9.1f}"),
 ]
 
 
@@ -74,10 +72,7 @@ def run(args) -> None:
     result = evaluate(model, tokenizer, cfg, name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out / "eval.json")
+    write_json(out / "eval.json", result)
     print_table(result)
     print(f"wrote {out / 'eval.json'}")
     if not args.no_plots:
@@ -98,6 +93,8 @@ def print_table(result: dict) -> None:
             continue
         cells = " ".join(f.format(r[k]) if k in r else " " * len(f.format(0.0)) for k, _, f in cols)
         print(f"{r['method']:>15} {r['keep']:5.2f} {cells}")
+    if "dense_prefill_ms" in result:
+        print(f"dense prefill of the chat prompts: {result['dense_prefill_ms']:.1f} ms (mean)")
     s = result.get("speed")
     if s:
         print(f"speed (as loaded, {s['device']}): dense decode {s['dense_decode_tps']:.1f} tok/s, "

@@ -40,3 +40,21 @@ def read_json(path, what: str = "config") -> dict:
     if not isinstance(data, dict):
         raise IFPError(f"garbled {what} {path}: expected a JSON object")
     return data
+
+
+def write_json(path, data, indent: int = 1) -> None:
+    """Write JSON atomically (temporary file + rename): a reader never sees half a file."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .errors import IFPError, read_json
+from .errors import IFPError, read_json, write_json
 from .model import FORMAT_VERSION, ifp_model_class
 
 
@@ -73,3 +73,17 @@ def load(
         object.__setattr__(model, "_ifp_predictor", load_head(path, ifp_config["predictor"]))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
+
+
+def set_ifp_entries(folder: Union[str, Path], **entries) -> None:
+    """Set entries of a model folder's ``ifp`` config (None removes one), atomically: the
+    predictor and the searched budget live there, beside the model they were made for."""
+    path = Path(folder) / "config.json"
+    config = read_json(path)
+    ifp = config.setdefault("ifp", {})
+    for key, value in entries.items():
+        if value is None:
+            ifp.pop(key, None)
+        else:
+            ifp[key] = value
+    write_json(path, config, indent=4)

@@ -37,7 +37,7 @@ class TrainConfig:
     keep_max: Optional[float] = None  # sample keep uniformly in [keep, keep_max] per step
     steps: int = 300
     batch: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3
     tau: float = 0.5  # SoftTopK temperature (scores are z-scored per layer)
     distill: float = 0.0  # weight of KL(dense ‖ pruned) on the answer
     encoder_layers: int = 2
@@ -79,16 +79,8 @@ def check(cfg: TrainConfig, units: List[int]) -> None:
 def examples(tokenizer, split: str, n: int, cfg: TrainConfig) -> List[Example]:
     """ShareGPT (prompt, answer) pairs of a split, length-capped, in the split's fixed order."""
     from .eval import data
-    from .generate import prompt_tokens
 
-    out = []
-    for ex in data.sharegpt(split):
-        if len(out) >= n:
-            break
-        p = prompt_tokens(tokenizer, ex.prompt)
-        a = tokenizer.encode(ex.answer, add_special_tokens=False)[: cfg.max_answer]
-        if len(p) <= cfg.max_prompt and len(a) >= 2:
-            out.append((p, a))
+    out, _ = data.chat_pairs(tokenizer, split, n, cfg.max_prompt, cfg.max_answer)
     if not out:
         raise IFPError(f"no usable training data in the ShareGPT {split!r} split")
     return out

@@ -32,6 +32,9 @@ def test_quick_schema(quick_result):
     for row in r["results"]:
         assert ROW_KEYS <= set(row), row
         assert row["fidelity_agree"] <= 1 and row["fidelity_kl"] >= -1e-6
+        pruned = row["keep"] < 1 and row["method"] != "dense"
+        assert ("select_ms" in row) == pruned and (row.get("select_ms", 0) > 0) == pruned
+    assert r["dense_prefill_ms"] > 0
     dense = next(x for x in r["results"] if x["method"] == "dense")
     assert dense["fidelity_kl"] == pytest.approx(0, abs=1e-5) and dense["fidelity_agree"] == 1
     s = r["speed"]

@@ -124,6 +124,23 @@ def sharegpt(split: str) -> List[ChatExample]:
     return sorted(out, key=lambda e: _order(e.id))
 
 
+def chat_pairs(tokenizer, split: str, n: int, max_prompt: int, max_answer: int):
+    """Up to ``n`` (prompt tokens, answer tokens) pairs of a split, in its fixed order, with
+    their ids: prompts longer than ``max_prompt`` are skipped, answers cut to ``max_answer``."""
+    from ..generate import prompt_tokens
+
+    pairs, ids = [], []
+    for ex in sharegpt(split):
+        if len(pairs) >= n:
+            break
+        prompt = prompt_tokens(tokenizer, ex.prompt)
+        answer = tokenizer.encode(ex.answer, add_special_tokens=False)[:max_answer]
+        if len(prompt) <= max_prompt and len(answer) >= 2:
+            pairs.append((prompt, answer))
+            ids.append(ex.id)
+    return pairs, ids
+
+
 # ---------------------------------------------------------------- MMLU
 @dataclass
 class MCExample:

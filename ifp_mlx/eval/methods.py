@@ -20,7 +20,7 @@ from ..errors import IFPError
 from ..model import find_ffns, tap_ffns
 from ..predictors import Scores, available
 from ..predictors.activation import ActivationPredictor
-from ..selection import check_keep, is_dense
+from ..selection import Budget, check_keep, is_dense
 
 Prepared = Tuple[list, int]  # (KV cache, prompt tokens already in it)
 
@@ -79,6 +79,8 @@ def static_scores(model: nn.Module, examples: Sequence[List[int]]) -> List[mx.ar
 def scaled_budget(budget: Sequence[float], keep: float) -> List[float]:
     """A per-layer budget rescaled to average ``keep`` (clipped to (0, 1])."""
     mean = sum(budget) / len(budget)
+    if abs(mean - keep) < 1e-3:  # the budget's own average: use it as searched, unit for unit
+        return list(budget)
     return [min(1.0, max(1e-3, b * keep / mean)) for b in budget]
 
 
@@ -90,10 +92,11 @@ class Method:
         self.model = model
         self._calibration = calibration
         self._static: Optional[List[mx.array]] = None
+        self.timings: List[Tuple[float, float]] = []  # (select ms, materialize ms) per prompt
         if name.startswith("ifp-") and name not in ("ifp-searched",):
-            self.predictor = name[4:]
-            if self.predictor not in available():
-                raise IFPError(f"unknown method {name!r}: no predictor {self.predictor!r}")
+            self.predictor_name = name[4:]
+            if self.predictor_name not in available():
+                raise IFPError(f"unknown method {name!r}: no predictor {self.predictor_name!r}")
         if name == "ifp-searched" and not model.__dict__.get("_ifp_config", {}).get("budget"):
             raise IFPError("method 'ifp-searched' needs a model folder with a searched budget")
 
@@ -101,23 +104,36 @@ class Method:
     def prefill(self) -> str:
         return "dense" if self.name in ("dense", "oracle", "ifp-activation") else "pruned"
 
+    def predictor(self, prompt: List[int], answer: List[int]):
+        """The predictor this method selects with for one (prompt, reference answer)."""
+        if self.name == "static":
+            if self._static is None:
+                self._static = static_scores(self.model, self._calibration())
+            return FixedPredictor(self._static)
+        if self.name == "oracle":
+            return OraclePredictor(answer)
+        if self.name == "ifp-searched":
+            return (
+                self.model.__dict__["_ifp_config"]
+                .get("budget_search", {})
+                .get("predictor", "activation")
+            )
+        return self.predictor_name
+
+    def budget(self, keep: float) -> Budget:
+        if self.name == "ifp-searched":
+            return scaled_budget(self.model.__dict__["_ifp_config"]["budget"], keep)
+        return keep
+
     def prepare(self, prompt: List[int], answer: List[int], keep: float) -> Prepared:
         model = self.model
         cache = make_prompt_cache(model)
         if self.name == "dense" or is_dense(keep):
             model.dense()
             return cache, 0
-        if self.name == "static":
-            if self._static is None:
-                self._static = static_scores(model, self._calibration())
-            sel = model.select(prompt, keep, FixedPredictor(self._static), cache=cache)
-        elif self.name == "oracle":
-            sel = model.select(prompt, keep, OraclePredictor(answer), cache=cache)
-        elif self.name == "ifp-searched":
-            budget = scaled_budget(model.__dict__["_ifp_config"]["budget"], keep)
-            sel = model.select(prompt, budget, "activation", cache=cache)
-        else:
-            sel = model.select(prompt, keep, self.predictor, cache=cache)
+        pred = self.predictor(prompt, answer)
+        sel = model.select(prompt, self.budget(keep), pred, cache=cache)
+        self.timings.append((sel.score_ms + sel.select_ms, sel.materialize_ms))
         return cache, sel.prefilled
 
 

@@ -23,8 +23,13 @@ Pair = Tuple[List[int], List[int]]  # (prompt tokens, answer tokens)
 def answer_logits(method: Method, prompt: List[int], answer: List[int], keep: float) -> mx.array:
     """Logits predicting each answer token, after ``method`` selected units from the prompt."""
     cache, n = method.prepare(prompt, answer, keep)
+    return continue_logits(method.model, cache, n, prompt, answer)
+
+
+def continue_logits(model, cache, n: int, prompt: List[int], answer: List[int]) -> mx.array:
+    """Logits predicting each answer token when ``cache`` already holds ``n`` prompt tokens."""
     seq = prompt + answer
-    logits = method.model(mx.array(seq[n:])[None], cache=cache)[0]
+    logits = model(mx.array(seq[n:])[None], cache=cache)[0]
     start = len(prompt) - 1 - n
     return logits[start : start + len(answer)].astype(mx.float32)
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from ..errors import IFPError
-from ..generate import prompt_tokens
 from ..model import dequantize
 from . import data
 from .methods import Method, check_keeps, check_methods, method_names
@@ -95,16 +96,7 @@ class Suite:
         self.splits: Dict[str, dict] = {}
 
     def _chat_pairs(self, split: str, n: int, max_answer: int):
-        pairs, ids = [], []
-        for ex in data.sharegpt(split):
-            if len(pairs) >= n:
-                break
-            prompt = prompt_tokens(self.tok, ex.prompt)
-            answer = self.tok.encode(ex.answer, add_special_tokens=False)[:max_answer]
-            if len(prompt) <= self.cfg.max_prompt and len(answer) >= 2:
-                pairs.append((prompt, answer))
-                ids.append(ex.id)
-        return pairs, ids
+        return data.chat_pairs(self.tok, split, n, self.cfg.max_prompt, max_answer)
 
     def chat(self):
         pairs, ids = self._chat_pairs("test", self.cfg.n_chat, self.cfg.max_answer)
@@ -187,6 +179,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
     work = {}
     if "chat-loss" in cfg.metrics:
         work["chat-loss"] = suite.chat()
+        out["dense_prefill_ms"] = prefill_ms(model, [p for p, _ in work["chat-loss"]])
     if "fidelity" in cfg.metrics:
         eos = set(tokenizer.eos_token_ids)
         work["fidelity"] = fidelity_cases(dense, suite.fidelity_prompts(), cfg.fidelity_tokens, eos)
@@ -232,9 +225,27 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
     return out
 
 
+def prefill_ms(model, prompts) -> float:
+    """Mean time of the dense prefill of ``prompts`` (the reference for selection costs)."""
+    model.dense()
+    times = []
+    for i, prompt in enumerate([prompts[0]] + list(prompts)):  # the first one warms up
+        cache = make_prompt_cache(model)
+        tic = time.perf_counter()
+        mx.eval(model(mx.array(prompt[:-1] or prompt)[None], cache=cache))
+        if i:
+            times.append((time.perf_counter() - tic) * 1e3)
+    return float(np.mean(times))
+
+
 def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
     if metric == "chat-loss":
-        return {"chat_loss": answer_loss(method, items, keep)}
+        method.timings.clear()
+        row = {"chat_loss": answer_loss(method, items, keep)}
+        if method.timings:  # what selecting cost on these prompts (the predictor + top-k)
+            sel, mat = np.mean(method.timings, axis=0)
+            row.update(select_ms=float(sel), materialize_ms=float(mat))
+        return row
     if metric == "fidelity":
         kl, agree = fidelity(method, items, keep)
         return {"fidelity_kl": kl, "fidelity_agree": agree}

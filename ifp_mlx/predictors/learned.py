@@ -9,7 +9,6 @@ of a dense prefill; the pruned model then prefills the prompt itself.
 """
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -134,15 +133,9 @@ def load_head(folder: Path, entry: dict) -> PredictorHead:
 
 def write_entry(folder: Path, entry: Optional[dict]) -> None:
     """Set (or remove) ``ifp.predictor`` in a model folder's config.json, atomically."""
-    path = Path(folder) / "config.json"
-    config = json.loads(path.read_text())
-    if entry is None:
-        config.get("ifp", {}).pop("predictor", None)
-    else:
-        config.setdefault("ifp", {})["predictor"] = entry
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=4))
-    tmp.replace(path)
+    from ..loading import set_ifp_entries
+
+    set_ifp_entries(folder, predictor=entry)
 
 
 @register
