@@ -21,7 +21,7 @@ from mlx_lm.utils import (
 )
 from tqdm import tqdm
 
-from ..errors import IFPError
+from ..errors import IFPError, read_json
 from ..model import FORMAT_VERSION, find_ffns, to_unit_major
 from .config import fix_config
 from .gguf_reader import read_gguf
@@ -233,6 +233,14 @@ def convert(
             "permuted_units": permute_units_text is not None,
             "source": Path(str(source)).name,
         }
+        if predictor is None and ckpt.predictor is not None and permute_units_text is None:
+            from ..predictors.learned import load_head, save
+
+            source_ifp = read_json(ckpt.predictor / "config.json")["ifp"]
+            head = load_head(ckpt.predictor, source_ifp["predictor"])
+            cfg["ifp"]["predictor"] = save(head, tmp)
+            if source_ifp.get("training"):
+                cfg["ifp"]["training"] = source_ifp["training"]
         if predictor is not None:
             from ..predictors.learned import save
             from .predictor import import_predictor

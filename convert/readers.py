@@ -36,6 +36,7 @@ class Checkpoint:
     # Either a folder holding tokenizer files, or a callable that writes them into a folder.
     tokenizer: Optional[object] = None
     source: str = ""
+    predictor: Optional[Path] = None  # an ifp-mlx source folder whose predictor carries over
 
 
 def read_config(path: Path) -> dict:
@@ -123,10 +124,31 @@ def _weight_files(folder: Path) -> List[Path]:
 def read_folder(folder: Path, progress: Callable = iter) -> Checkpoint:
     """A Hugging Face style folder: config.json + weights (+ tokenizer files)."""
     config = read_config(folder / "config.json")
+    if "ifp" in config:
+        return read_ifp_folder(folder)
     weights: Dict[str, mx.array] = {}
     for f in progress(_weight_files(folder)):
         weights.update(load_weight_file(f))
     return Checkpoint(weights, config, tokenizer=folder, source=str(folder))
+
+
+def read_ifp_folder(folder: Path) -> Checkpoint:
+    """An ifp-mlx model folder (e.g. one ``ifp-train --stage`` wrote): float weights in the
+    Hugging Face orientation, so the folder converts again (say, to 4-bit) like any checkpoint."""
+    from mlx.utils import tree_flatten
+
+    from ..loading import load
+    from ..model import dequantize, find_ffns
+
+    model, _ = load(folder)
+    dequantize(model)
+    weights = dict(tree_flatten(model.parameters()))
+    for path, _ in find_ffns(model):  # unit-major (units, hidden) back to (hidden, units)
+        key = f"{path}.down_proj.weight"
+        weights[key] = weights[key].T
+    config = read_config(folder / "config.json")
+    has_predictor = bool(config["ifp"].get("predictor"))
+    return Checkpoint(weights, config, folder, str(folder), folder if has_predictor else None)
 
 
 def read_state_dict(path: Path, config_path: Optional[Path]) -> Checkpoint:

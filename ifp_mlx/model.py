@@ -125,10 +125,11 @@ def dequantize(model: nn.Module) -> nn.Module:
 def is_ffn(module: nn.Module) -> bool:
     """A gate/up/down MLP whose units we can slice (dense or quantized, either down layout)."""
     linear = (nn.Linear, nn.QuantizedLinear, UnitLinear, QuantizedUnitLinear)
-    return all(
-        isinstance(getattr(module, name, None), linear)
-        for name in ("gate_proj", "up_proj", "down_proj")
-    )
+
+    def sliceable(layer) -> bool:  # a LoRA wrapper (joint training) counts as its base layer
+        return isinstance(layer, linear) or isinstance(getattr(layer, "linear", None), linear)
+
+    return all(sliceable(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def find_ffns(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -128,7 +128,7 @@ class IFPMixin:
 
     @property
     def ffn_units(self) -> List[int]:
-        return [g.weight.shape[0] for g, _, _ in self._ifp_store()]
+        return [d.weight.shape[0] for _, _, d in self._ifp_store()]  # unit-major down_proj
 
     @property
     def selection(self) -> Optional[Selection]:

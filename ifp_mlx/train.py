@@ -125,16 +125,27 @@ class Trainer:
         self.step = 0
         self.history: List[dict] = []
 
+    @property
+    def trainable(self) -> nn.Module:
+        """What the optimizer updates (the head; joint training adds the LLM's adapters)."""
+        return self.head
+
     # ---- data
     def prepare(self) -> None:
         cfg = self.cfg
-        self.train = examples(self.tok, "train", cfg.n_train, cfg)
-        self.val = examples(self.tok, "val", cfg.n_val, cfg)
+        self.train = self.examples("train", cfg.n_train)
+        self.val = self.examples("val", cfg.n_val)
         L = cfg.encoder_layers
         self.train_f = _features(self.model, self.train, L)
         self.val_f = _features(self.model, self.val, L)
         if self.step == 0:
-            self._init_from_static()
+            self._init_head()
+
+    def examples(self, split: str, n: int) -> List[Example]:
+        return examples(self.tok, split, n, self.cfg)
+
+    def _init_head(self) -> None:
+        self._init_from_static()
 
     def _init_from_static(self) -> None:
         """Start at static pruning: the output bias holds z-scored calibration importances, so
@@ -195,14 +206,23 @@ class Trainer:
         off = (overlap.sum() - mx.trace(overlap)) / (n * (n - 1))
         return 1.0 - off.item()
 
+    def validate(self) -> dict:
+        return {"val_loss": self.val_loss(), "diversity": self.mask_diversity()}
+
+    def _step_keep(self, rng: random.Random) -> float:
+        cfg = self.cfg
+        return cfg.keep if cfg.keep_max is None else rng.uniform(cfg.keep, cfg.keep_max)
+
+    def _teacher(self, x: mx.array) -> mx.array:
+        """Logits of the dense model the pruned one is distilled towards."""
+        return self.model(x)
+
     # ---- loop
     def run(self, checkpoint: Optional[Path] = None) -> dict:
         cfg = self.cfg
-        loss_and_grad = nn.value_and_grad(self.head, self._loss)
+        loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
         if self.step == 0:
-            self.history.append(
-                {"step": 0, "val_loss": self.val_loss(), "diversity": self.mask_diversity()}
-            )
+            self.history.append({"step": 0, **self.validate()})
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ifp-train", disable=not self.progress)
         tic = time.perf_counter()
         while self.step < cfg.steps:
@@ -211,25 +231,23 @@ class Trainer:
             items = [self.train[i] for i in idx]
             x, y, w = _batch(items)
             feats = self.train_f[mx.array(idx)]
-            keep = cfg.keep if cfg.keep_max is None else rng.uniform(cfg.keep, cfg.keep_max)
+            keep = self._step_keep(rng)
             dense_logp = None
             if cfg.distill:
-                d = self.model(x)[:, :-1].astype(mx.float32)
+                d = self._teacher(x)[:, :-1].astype(mx.float32)
                 dense_logp = mx.stop_gradient(d - mx.logsumexp(d, -1, keepdims=True))
-            loss, grads = loss_and_grad(self.head, feats, x, y, w, keep, dense_logp)
-            self.opt.update(self.head, grads)
-            mx.eval(self.head.parameters(), self.opt.state, loss)
+            loss, grads = loss_and_grad(self.trainable, feats, x, y, w, keep, dense_logp)
+            self.opt.update(self.trainable, grads)
+            mx.eval(self.trainable.parameters(), self.opt.state, loss)
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                rec = {"step": self.step, "train_loss": loss.item(), "val_loss": self.val_loss(),
-                       "diversity": self.mask_diversity()}  # fmt: skip
+                rec = {"step": self.step, "train_loss": loss.item(), **self.validate()}
                 self.history.append(rec)
-                bar.write(
-                    f"step {self.step}: val loss {rec['val_loss']:.4f}, mask diversity "
-                    f"{rec['diversity']:.3f}"
-                )
+                bar.write(f"step {self.step}: " + ", ".join(
+                    f"{k.replace('_', ' ')} {v:.4f}" for k, v in rec.items() if k != "step"
+                ))  # fmt: skip
                 if checkpoint is not None:
                     self.save_checkpoint(checkpoint)
         bar.close()
@@ -245,7 +263,7 @@ class Trainer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "state.tmp.safetensors"
-        arrays = {f"head.{k}": v for k, v in tree_flatten(self.head.parameters())}
+        arrays = {f"train.{k}": v for k, v in tree_flatten(self.trainable.trainable_parameters())}
         arrays.update(
             {f"opt.{k}": v for k, v in tree_flatten(self.opt.state) if isinstance(v, mx.array)}
         )
@@ -264,8 +282,11 @@ class Trainer:
             raise IFPError(f"cannot resume from {folder}: {str(e).splitlines()[0][:160]}")
         if meta.get("fingerprint") != self._fingerprint():
             raise IFPError(f"checkpoint {folder} was made for a different model or predictor shape")
-        head = [(k[5:], v) for k, v in arrays.items() if k.startswith("head.")]
-        self.head.load_weights(head, strict=True)
+        params = [(k[6:], v) for k, v in arrays.items() if k.startswith("train.")]
+        expected = {k for k, _ in tree_flatten(self.trainable.trainable_parameters())}
+        if {k for k, _ in params} != expected:
+            raise IFPError(f"checkpoint {folder} holds other parameters than this training")
+        self.trainable.load_weights(params, strict=False)
         opt = [(k[4:], v) for k, v in arrays.items() if k.startswith("opt.")]
         state = dict(tree_unflatten(opt)) if opt else {}
         state["step"] = mx.array(meta["step"], mx.uint64)
