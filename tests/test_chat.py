@@ -146,7 +146,8 @@ def test_chat_ctrl_c_stops_answer_not_program(tiny_folder):
     )
     child.expect(">> ")
     child.sendline("w4 w5 w6")
-    child.expect("w")  # the answer is streaming
+    child.expect_exact("w4 w5 w6\r\n")  # the terminal's echo of the line (not the answer)
+    child.expect(r"w\d")  # the answer is streaming
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">> ")
