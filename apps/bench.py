@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     s.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.33])
     s.add_argument("--prompt-tokens", type=int, default=1024)
     s.add_argument("--decode-tokens", type=int, default=64)
-    s.add_argument("--predictor", default="activation")
+    s.add_argument("--predictor", help="default: the model's (learned if trained, else activation)")
     s.add_argument("--json", default="results/bench-speed.json")
     pol = sub.add_parser("policy", help="multi-turn policies: first-turn vs per-turn")
     pol.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")

@@ -26,7 +26,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="fraction of FFN units kept per layer, or a per-layer list (default: "
         "the model's budget, else 0.5; 1 = dense)",
     )
-    p.add_argument("--predictor", default="activation", help="sparsity predictor")
+    p.add_argument("--predictor", help="activation | learned (default: learned when the model "
+                   "folder has a trained predictor, else activation)")  # fmt: skip
     p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temp", type=float, default=0.0)
@@ -53,7 +54,8 @@ def check_flags(args) -> None:
     if args.keep is not None:
         for k in args.keep if isinstance(args.keep, list) else [args.keep]:
             check_keep(k)
-    get_predictor(args.predictor)
+    if args.predictor is not None:
+        get_predictor(args.predictor)
     check_policy(args.policy)
     if args.max_tokens == 0:
         raise IFPError("--max-tokens must be non-zero")

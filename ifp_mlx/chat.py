@@ -33,13 +33,15 @@ class Conversation:
     model: nn.Module
     tokenizer: object
     keep: Budget = 0.5
-    predictor: str = "activation"
+    predictor: Optional[str] = None  # None: the model's default predictor
     policy: str = "first-turn"
     system: Optional[str] = None
     messages: List[dict] = field(default_factory=list)
 
     def __post_init__(self):
         check_policy(self.policy)
+        if self.predictor is None:
+            self.predictor = self.model.default_predictor
         get_predictor(self.predictor)
         self.set_keep(self.keep)
         self.reset()

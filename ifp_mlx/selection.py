@@ -170,7 +170,7 @@ class IFPMixin:
         self,
         prompt_tokens: Sequence[int],
         keep: Budget = None,
-        predictor="activation",
+        predictor=None,
         cache: Optional[list] = None,
         block: int = 1,
     ) -> Selection:
@@ -185,6 +185,7 @@ class IFPMixin:
         if not tokens:
             raise IFPError("empty prompt")
         keep = self.default_keep if keep is None else keep
+        predictor = self.default_predictor if predictor is None else predictor
         units = self.ffn_units
         ks = budget_units(keep, units, block)
         pred = get_predictor(predictor)
@@ -198,6 +199,12 @@ class IFPMixin:
         select_ms = (time.perf_counter() - tic) * 1e3
         sel = Selection(indices, units, pred.name, score_ms, select_ms, prefilled=result.prefilled)
         return self.apply_selection(sel)
+
+    @property
+    def default_predictor(self) -> str:
+        """The folder's learned predictor when it has one (the paper's method), else the
+        training-free activation predictor."""
+        return "learned" if self.__dict__.get("_ifp_predictor") is not None else "activation"
 
     @property
     def default_keep(self) -> Budget:

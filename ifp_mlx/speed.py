@@ -1,7 +1,7 @@
 """Speed benchmark: dense vs pruned decode and TTFT split, measured side by side in one run."""
 
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -76,7 +76,7 @@ def speed(
     keeps: Sequence[float] = (0.5, 0.33),
     prompt_tokens: int = 1024,
     decode_tokens: int = 64,
-    predictor: str = "activation",
+    predictor: Optional[str] = None,
 ) -> Dict:
     """Dense vs pruned in one run: decode tok/s, ideal ratio, TTFT split, materialize GB/s."""
     prompt = long_prompt(tokenizer, prompt_tokens)

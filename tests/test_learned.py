@@ -79,6 +79,8 @@ def test_tiny_training_lowers_val_loss_and_round_trips(tiny_folder, tmp_path):
         assert mx.array_equal(a, b)
     sel = again.select(prompt, keep=0.5, predictor="learned")
     assert sel.predictor == "learned" and sel.prefilled == 0
+    assert again.default_predictor == "learned" and model.default_predictor == "activation"
+    assert again.select(prompt, keep=0.5).predictor == "learned"  # the folder's default
     text = ifp_mlx.generate(again, tok, "w7 w8", keep=0.5, predictor="learned", max_tokens=3)
     assert isinstance(text, str)
     # ifp-eval picks the learned predictor up without changes.
