@@ -13,6 +13,7 @@ LABELS = [  # (result key, header, format)
     ("humaneval_pass1", "HumanEval", "{:9.1%}"),
     ("text_ppl", "text ppl", "{:8.2f}"),
     ("select_ms", "select ms", "{:9.1f}"),
+    ("mask_diversity", "diversity", "{:9.3f}"),
 ]
 
 

@@ -71,6 +71,18 @@ def top_units(scores: mx.array, k: int, block: int = 1) -> np.ndarray:
     return np.sort(np.argsort(-s, kind="stable")[:k]).astype(np.int32)
 
 
+def mask_diversity(masks: np.ndarray) -> float:
+    """Mean fraction of kept units that differ between two prompts' selections; ``masks`` is
+    (prompts, Σ units) of 0/1. 0 means one subset for every prompt (static, or a predictor
+    that ignores the prompt — the collapse IFPruning training must avoid)."""
+    m = np.asarray(masks, np.float64)
+    n = len(m)
+    if n < 2:
+        return 0.0
+    overlap = (m @ m.T) / m.sum(-1)[:, None]
+    return float(1.0 - (overlap.sum() - np.trace(overlap)) / (n * (n - 1)))
+
+
 @dataclass
 class Selection:
     """Which FFN units each layer keeps for one prompt, with what it cost."""
@@ -92,6 +104,15 @@ class Selection:
     @property
     def keep(self) -> float:
         return sum(self.kept) / sum(self.units)
+
+    def mask(self) -> np.ndarray:
+        """0/1 over every FFN unit of every layer (layers concatenated)."""
+        out = np.zeros(sum(self.units), np.float32)
+        start = 0
+        for idx, n in zip(self.indices, self.units):
+            out[start + idx] = 1.0
+            start += n
+        return out
 
     @property
     def materialize_gbps(self) -> float:

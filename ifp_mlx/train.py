@@ -26,7 +26,7 @@ from .errors import IFPError
 from .model import dequantize, tap_ffns
 from .predictors.learned import PredictorConfig, PredictorHead, encode, save, write_entry
 from .predictors.softtopk import hard_topk, straight_through
-from .selection import budget_units, check_keep
+from .selection import budget_units, check_keep, mask_diversity
 
 Example = Tuple[List[int], List[int]]  # (prompt tokens, answer tokens)
 
@@ -198,13 +198,7 @@ class Trainer:
         predictor ignores the prompt, i.e. collapsed to static)."""
         keep = self.cfg.keep if keep is None else keep
         masks = self._masks(self.val_f, keep, hard_only=True)
-        m = mx.concatenate([x[:, 0] for x in masks], axis=-1)  # (n_val, Σ units)
-        n = m.shape[0]
-        if n < 2:
-            return 0.0
-        overlap = (m @ m.T) / m.sum(-1)[:, None]
-        off = (overlap.sum() - mx.trace(overlap)) / (n * (n - 1))
-        return 1.0 - off.item()
+        return mask_diversity(np.array(mx.concatenate([x[:, 0] for x in masks], axis=-1)))
 
     def validate(self) -> dict:
         return {"val_loss": self.val_loss(), "diversity": self.mask_diversity()}

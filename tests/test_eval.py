@@ -34,6 +34,9 @@ def test_quick_schema(quick_result):
         assert row["fidelity_agree"] <= 1 and row["fidelity_kl"] >= -1e-6
         pruned = row["keep"] < 1 and row["method"] != "dense"
         assert ("select_ms" in row) == pruned and (row.get("select_ms", 0) > 0) == pruned
+        assert 0 <= row.get("mask_diversity", 0) <= 1
+    div = {x["method"]: x["mask_diversity"] for x in r["results"] if x["keep"] == 0.5}
+    assert div["static"] == 0 and div["ifp-activation"] > 0  # one subset vs per prompt
     assert r["dense_prefill_ms"] > 0
     dense = next(x for x in r["results"] if x["method"] == "dense")
     assert dense["fidelity_kl"] == pytest.approx(0, abs=1e-5) and dense["fidelity_agree"] == 1

@@ -93,6 +93,7 @@ class Method:
         self._calibration = calibration
         self._static: Optional[List[mx.array]] = None
         self.timings: List[Tuple[float, float]] = []  # (select ms, materialize ms) per prompt
+        self.masks: list = []  # each prompt's selection as a 0/1 unit mask
         if name.startswith("ifp-") and name not in ("ifp-searched",):
             self.predictor_name = name[4:]
             if self.predictor_name not in available():
@@ -134,6 +135,7 @@ class Method:
         pred = self.predictor(prompt, answer)
         sel = model.select(prompt, self.budget(keep), pred, cache=cache)
         self.timings.append((sel.score_ms + sel.select_ms, sel.materialize_ms))
+        self.masks.append(sel.mask())
         return cache, sel.prefilled
 
 

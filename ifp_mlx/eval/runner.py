@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import IFPError
 from ..model import dequantize
+from ..selection import mask_diversity
 from . import data
 from .methods import Method, check_keeps, check_methods, method_names
 from .metrics import (
@@ -241,10 +242,12 @@ def prefill_ms(model, prompts) -> float:
 def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
     if metric == "chat-loss":
         method.timings.clear()
+        method.masks.clear()
         row = {"chat_loss": answer_loss(method, items, keep)}
         if method.timings:  # what selecting cost on these prompts (the predictor + top-k)
             sel, mat = np.mean(method.timings, axis=0)
             row.update(select_ms=float(sel), materialize_ms=float(mat))
+            row["mask_diversity"] = mask_diversity(np.stack(method.masks))
         return row
     if metric == "fidelity":
         kl, agree = fidelity(method, items, keep)
