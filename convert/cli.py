@@ -11,7 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ifp-convert",
         description="Convert a torch/safetensors/GGUF checkpoint into an ifp-mlx model folder.",
     )
-    p.add_argument("source", help="HF folder, .gguf, .safetensors/.bin/.pt file, or hub repo id")
+    p.add_argument(
+        "source", help="HF or ifp-mlx folder, .gguf, .safetensors/.bin/.pt file, or hub repo id"
+    )
     p.add_argument("output", help="output folder (written atomically)")
     p.add_argument("--config", help="config.json for a bare state dict")
     p.add_argument("--tokenizer", help="folder with tokenizer files (default: the source's)")
