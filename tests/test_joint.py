@@ -135,3 +135,18 @@ def test_bad_input(tiny, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(data, "sharegpt", lambda split: [])
     fails(["--stage", "1"] + out, "no usable training text")
+
+
+def test_cli_writes_the_new_folder_and_leaves_the_base_alone(tiny, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny, folder)
+    before = (folder / "config.json").read_text()
+    out = tmp_path / "s1"
+    train_app.main(["--model", str(folder), "--preset", "quick", "--encoder-layers", "1",
+                    "--stage", "1", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "val loss dense" in printed and f"wrote the jointly trained model folder {out}" in printed
+    assert (folder / "config.json").read_text() == before
+    model, _ = ifp_mlx.load(out)
+    assert model.default_predictor == "learned"
+    assert json.loads((out / "config.json").read_text())["ifp"]["training"]["stage"] == 1
