@@ -117,3 +117,15 @@ def mlx_greedy(model, ids, n: int):
 
     steps = generate_step(mx.array(ids), model)
     return [int(t) for (t, _), _ in zip(steps, range(n))]
+
+
+def cli_error(main, argv, capsys, prog: str) -> str:
+    """Run a CLI ``main`` that must fail on user input: exit ≠ 0, one ``prog: error:`` line,
+    no traceback. Returns the line."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and err.startswith(f"{prog}: error:") and "\n" not in err, err
+    return err

@@ -13,7 +13,7 @@ import ifp_mlx
 from ifp_mlx.apps import train as train_app
 from ifp_mlx.convert import convert
 from ifp_mlx.joint import JointConfig, JointTrainer
-from tests.helpers import make_tiny_hf
+from tests.helpers import cli_error, make_tiny_hf
 
 PROMPT = [3, 9, 12, 40, 7, 5]
 
@@ -116,12 +116,8 @@ def test_bad_input(tiny, tmp_path, capsys, monkeypatch):
     shutil.copytree(tiny, folder)
 
     def fails(argv, needle):
-        with pytest.raises(SystemExit) as e:
-            train_app.main(
-                ["--model", str(folder), "--preset", "quick", "--encoder-layers", "1"] + argv
-            )
-        err = capsys.readouterr().err.strip()
-        assert e.value.code != 0 and needle in err and "\n" not in err, err
+        argv = ["--model", str(folder), "--preset", "quick", "--encoder-layers", "1"] + argv
+        assert needle in cli_error(train_app.main, argv, capsys, "ifp-train")
         assert not (tmp_path / "out").exists()
 
     out = ["--out", str(tmp_path / "out")]
@@ -145,7 +141,9 @@ def test_cli_writes_the_new_folder_and_leaves_the_base_alone(tiny, tmp_path, cap
     train_app.main(["--model", str(folder), "--preset", "quick", "--encoder-layers", "1",
                     "--stage", "1", "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "val loss dense" in printed and f"wrote the jointly trained model folder {out}" in printed
+    assert (
+        "val loss dense" in printed and f"wrote the jointly trained model folder {out}" in printed
+    )
     assert (folder / "config.json").read_text() == before
     model, _ = ifp_mlx.load(out)
     assert model.default_predictor == "learned"

@@ -14,7 +14,7 @@ from ifp_mlx.eval import EvalConfig, evaluate
 from ifp_mlx.predictors.learned import LearnedPredictor
 from ifp_mlx.predictors.softtopk import hard_topk, soft_topk
 from ifp_mlx.train import TrainConfig, Trainer
-from tests.helpers import make_tiny_hf
+from tests.helpers import cli_error, make_tiny_hf
 
 
 @pytest.mark.parametrize("k", [1, 7, 30, 99])
@@ -144,12 +144,8 @@ def test_bad_input(tiny_folder, tmp_path, capsys, monkeypatch):
     shutil.copytree(tiny_folder / "m", folder)
 
     def fails(argv, needle):
-        with pytest.raises(SystemExit) as e:
-            train_app.main(
-                ["--model", str(folder), "--preset", "quick", "--encoder-layers", "1"] + argv
-            )
-        err = capsys.readouterr().err.strip()
-        assert e.value.code != 0 and needle in err and "\n" not in err, err
+        argv = ["--model", str(folder), "--preset", "quick", "--encoder-layers", "1"] + argv
+        assert needle in cli_error(train_app.main, argv, capsys, "ifp-train")
 
     fails(["--keep", "0.001"], "rounds to 0")
     fails(["--keep", "1.5"], "keep must be in (0, 1]")

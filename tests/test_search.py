@@ -20,6 +20,7 @@ from ifp_mlx.search import (
     target_units,
 )
 from ifp_mlx.selection import budget_units
+from tests.helpers import cli_error
 
 FAST = ["--samples", "20", "--rank", "300", "--top", "3", "--n-calib", "2"]
 
@@ -112,11 +113,9 @@ def test_interrupted_search_resumes_from_its_cache(folder, tmp_path, monkeypatch
 )
 def test_bad_input(folder, argv, needle, capsys):
     before = (folder / "config.json").read_text()
-    with pytest.raises(SystemExit) as e:
-        search_app.main(["--model", str(folder)] + argv)
-    assert e.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("ifp-search: error:") and needle in err and "\n" not in err
+    assert needle in cli_error(
+        search_app.main, ["--model", str(folder)] + argv, capsys, "ifp-search"
+    )
     assert (folder / "config.json").read_text() == before
     assert not (folder / ".ifp-search").exists()
 
