@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     for flag, typ in (("steps", int), ("batch", int), ("lr", float), ("tau", float),
                       ("distill", float), ("encoder-layers", int), ("n-train", int),
                       ("n-val", int), ("val-every", int), ("seed", int), ("dense-frac", float),
-                      ("lora-rank", int), ("prefix", int)):  # fmt: skip
+                      ("lora-rank", int), ("lora-lr", float), ("prefix", int)):  # fmt: skip
         p.add_argument(f"--{flag}", type=typ)
     p.add_argument("--checkpoint", help="checkpoint folder (default: MODEL/.ifp-train)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -40,16 +40,16 @@ def run(args) -> None:
     names = ["keep", "keep_max", "steps", "batch", "lr", "tau", "distill", "encoder_layers",
              "n_train", "n_val", "val_every", "seed"]  # fmt: skip
     if joint:
-        names += ["dense_frac", "lora_rank", "prefix"]
+        names += ["dense_frac", "lora_rank", "lora_lr", "prefix"]
         if args.stage not in (1, 2):
             raise IFPError(f"--stage must be 0, 1 or 2, not {args.stage}")
         if not args.out:
             raise IFPError(f"--stage {args.stage} writes a new model folder: pass --out DIR")
         check_output(Path(args.out), force=False)
     elif args.out or any(
-        getattr(args, k) is not None for k in ("dense_frac", "lora_rank", "prefix")
+        getattr(args, k) is not None for k in ("dense_frac", "lora_rank", "lora_lr", "prefix")
     ):
-        raise IFPError("--out, --dense-frac, --lora-rank and --prefix need --stage 1 or 2")
+        raise IFPError("--out, --dense-frac, --lora-rank, --lora-lr, --prefix need --stage 1 or 2")
     kw = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if joint:
         cfg = JointConfig.preset(args.preset, stage=args.stage, **kw)

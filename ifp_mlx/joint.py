@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import save_config, save_model
@@ -42,6 +43,7 @@ class JointConfig(TrainConfig):
     dense_frac: float = 0.2  # share of steps at keep 1 (keeps the dense path good)
     lora_rank: int = 8
     lora_scale: float = 10.0
+    lora_lr: float = 1e-4  # adapters move the LLM itself: a smaller step than the head's
     lora_keys: List[str] = field(default_factory=lambda: list(LORA_KEYS))
     prefix: int = 64  # stage 1: tokens of each text the mask is predicted from
     text_tokens: int = 160  # stage 1: tokens per text
@@ -102,6 +104,10 @@ class JointTrainer(Trainer):
             raise IFPError(f"cannot add LoRA adapters: {e}")
         model.__dict__.pop("_ifp_full", None)  # the FFN modules changed: rebuild the IFP store
         self.joint = _Joint(self.head, model)
+        self.opt = optim.MultiOptimizer(
+            [optim.Adam(learning_rate=cfg.lora_lr), optim.Adam(learning_rate=cfg.lr)],
+            [lambda path, _: path.startswith("model.")],
+        )
         self.head.cfg.recipe = {"trainer": f"ifp-train --stage {cfg.stage} (joint LoRA)",
                                 **asdict(cfg)}  # fmt: skip
 

@@ -27,7 +27,9 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(stage, **kw):
-    base = dict(encoder_layers=1, steps=10, batch=2, n_train=6, n_val=3, lr=2e-2, val_every=5)
+    base = dict(
+        encoder_layers=1, steps=10, batch=2, n_train=6, n_val=3, lr=2e-2, lora_lr=2e-2, val_every=5
+    )
     return JointConfig.preset("quick", stage=stage, **{**base, **kw})
 
 
@@ -148,3 +150,27 @@ def test_cli_writes_the_new_folder_and_leaves_the_base_alone(tiny, tmp_path, cap
     model, _ = ifp_mlx.load(out)
     assert model.default_predictor == "learned"
     assert json.loads((out / "config.json").read_text())["ifp"]["training"]["stage"] == 1
+
+
+def test_joint_resume_continues_where_it_stopped(tiny, tmp_path):
+    from mlx.utils import tree_flatten
+
+    def trainer(steps):
+        model, tok = ifp_mlx.load(tiny)
+        return JointTrainer(model, tok, _cfg(1, steps=steps), tiny, progress=False)
+
+    full = trainer(6)
+    full.prepare()
+    full.run()
+    part = trainer(3)
+    part.prepare()
+    part.run(tmp_path / "ckpt")
+    resumed = trainer(6)
+    resumed.resume(tmp_path / "ckpt")
+    resumed.prepare()
+    resumed.run()
+    a = dict(tree_flatten(full.trainable.trainable_parameters()))
+    b = dict(tree_flatten(resumed.trainable.trainable_parameters()))
+    assert a.keys() == b.keys() and any(k.startswith("model.") for k in a)
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
