@@ -83,4 +83,24 @@ def default_model(bits: int = 4) -> Path:
             bundled_gguf(), out, quantize=True, q_bits=bits, q_group_size=64, force=True
         )
         print(summary.line(), file=sys.stderr)
+    if bits == 4:
+        attach_predictor(out)
     return out
+
+
+SHIPPED = Path(__file__).parent / "data"
+
+
+def attach_predictor(folder: Path) -> None:
+    """Give the converted bundled model the predictor trained for it (``ifp-train`` on this very
+    4-bit model; shipped as float16), unless the folder already has a predictor of its own."""
+    from .errors import read_json
+    from .loading import set_ifp_entries
+
+    if read_json(folder / "config.json").get("ifp", {}).get("predictor"):
+        return
+    entry = read_json(SHIPPED / f"{DEFAULT_NAME}.predictor.json")
+    tmp = folder / f".{entry['file']}.tmp"
+    tmp.write_bytes((SHIPPED / f"{DEFAULT_NAME}.predictor.safetensors").read_bytes())
+    tmp.replace(folder / entry["file"])
+    set_ifp_entries(folder, predictor=entry)

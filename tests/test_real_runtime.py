@@ -38,7 +38,10 @@ def test_default_model_is_converted_4bit(smol_q4):
 
 def test_keep_half_recorded_answer_and_dense_answer(smol_q4):
     model, tok = ifp_mlx.load(smol_q4)
-    tokens = [r.token for r in ifp_mlx.stream_generate(model, tok, PROMPT, keep=0.5, max_tokens=16)]
+    gen = ifp_mlx.stream_generate(
+        model, tok, PROMPT, keep=0.5, predictor="activation", max_tokens=16
+    )
+    tokens = [r.token for r in gen]
     print(tokens, tok.decode(tokens))
     assert tokens == RECORDED_HALF
     dense = ifp_mlx.generate(
@@ -49,6 +52,49 @@ def test_keep_half_recorded_answer_and_dense_answer(smol_q4):
         max_tokens=12,
     )
     assert "Paris" in dense
+
+
+# The same at keep 0.5 with the shipped learned predictor (the bundled model's default):
+# "The sky on a clear day is a light, light, light, light," — fluent, on-topic, repetitive.
+RECORDED_LEARNED = [
+    504,
+    6376,
+    335,
+    253,
+    2437,
+    1194,
+    314,
+    253,
+    1420,
+    28,
+    1420,
+    28,
+    1420,
+    28,
+    1420,
+    28,
+]
+
+
+def test_bundled_model_ships_its_learned_predictor(smol_q4, tmp_path):
+    import shutil
+
+    from ifp_mlx.bundled import attach_predictor
+    from tests.helpers import read_config
+
+    model, tok = ifp_mlx.load(smol_q4)
+    assert model.default_predictor == "learned"
+    assert read_config(smol_q4)["ifp"]["predictor"]["units"] == model.ffn_units
+    gen = ifp_mlx.stream_generate(model, tok, PROMPT, keep=0.5, max_tokens=16)
+    responses = list(gen)
+    assert responses[-1].ifp.predictor == "learned"
+    assert [r.token for r in responses] == RECORDED_LEARNED
+    # A folder's own predictor is never replaced by the shipped one.
+    own = tmp_path / "own"
+    shutil.copytree(smol_q4, own)
+    (own / "predictor.safetensors").write_bytes(b"mine")
+    attach_predictor(own)
+    assert (own / "predictor.safetensors").read_bytes() == b"mine"
 
 
 def test_real_sliced_equals_masked_dense(smol_q4):

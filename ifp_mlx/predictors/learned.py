@@ -127,6 +127,7 @@ def load_head(folder: Path, entry: dict) -> PredictorHead:
         head.load_weights(str(path), strict=True)
     except ValueError as e:
         raise IFPError(f"{path}: does not match its config ({str(e).splitlines()[0][:160]})")
+    head.set_dtype(mx.float32)  # shipped heads may be stored in float16
     mx.eval(head.parameters())
     return head
 
