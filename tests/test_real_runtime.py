@@ -10,24 +10,7 @@ PROMPT = "What color is the sky on a clear day?"
 # Greedy tokens at keep 0.5 (activation predictor), recorded from this runtime. The text is
 # "The sky on a clear day is a typical, the sky is the color of": on-topic but
 # degraded, which is what training-free pruning does to a 135M model at half its FFN.
-RECORDED_HALF = [
-    504,
-    6376,
-    335,
-    253,
-    2437,
-    1194,
-    314,
-    253,
-    5923,
-    28,
-    260,
-    6376,
-    314,
-    260,
-    2380,
-    282,
-]
+RECORDED_HALF = [504, 6376, 335, 253, 2437, 1194, 314, 253, 5923, 28, 260, 6376, 314, 260, 2380, 282]  # fmt: skip
 
 
 def test_default_model_is_converted_4bit(smol_q4):
@@ -56,24 +39,7 @@ def test_keep_half_recorded_answer_and_dense_answer(smol_q4):
 
 # The same at keep 0.5 with the shipped learned predictor (the bundled model's default):
 # "The sky on a clear day is a light, light, light, light," — fluent, on-topic, repetitive.
-RECORDED_LEARNED = [
-    504,
-    6376,
-    335,
-    253,
-    2437,
-    1194,
-    314,
-    253,
-    1420,
-    28,
-    1420,
-    28,
-    1420,
-    28,
-    1420,
-    28,
-]
+RECORDED_LEARNED = [504, 6376, 335, 253, 2437, 1194, 314, 253, 1420, 28, 1420, 28, 1420, 28, 1420, 28]  # fmt: skip
 
 
 def test_bundled_model_ships_its_learned_predictor(smol_q4, tmp_path):
