@@ -48,6 +48,7 @@ class TrainConfig:
     max_answer: int = 64
     val_every: int = 50
     seed: int = 0
+    init_scale: float = 0.1  # size of the prompt-dependent part of the head at step 0
 
     @classmethod
     def preset(cls, name: str, **kw) -> "TrainConfig":
@@ -157,7 +158,7 @@ class Trainer:
             [(s - s.mean()) / (s.std() + 1e-6) for s in static_scores(self.model, calib)]
         )
         self.head.fc2.bias = flat
-        self.head.fc2.weight = self.head.fc2.weight * 0.1
+        self.head.fc2.weight = self.head.fc2.weight * self.cfg.init_scale
         mx.eval(self.head.parameters())
 
     # ---- loss
