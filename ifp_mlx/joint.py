@@ -24,11 +24,12 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import save_config, save_model
 
-from .errors import IFPError
+from .errors import IFPError, read_json
 from .train import Example, TrainConfig, Trainer
 
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -160,9 +161,9 @@ class JointTrainer(Trainer):
             raise IFPError("joint training writes a new model folder: pass --out")
         fused = [(p, m.fuse(dequantize=True)) for p, m in self.model.named_modules()
                  if isinstance(m, LoRALinear)]  # fmt: skip
-        self.model.update_modules(_tree(fused))
+        self.model.update_modules(tree_unflatten(fused))
         self.model.__dict__.pop("_ifp_full", None)
-        config = _folder_config(self.folder)
+        config = read_json(self.folder / "config.json")
         with atomic_folder(Path(out), force=False) as tmp:
             copy_tokenizer_files(self.folder, tmp)
             for k in ("quantization", "quantization_config"):
@@ -177,18 +178,6 @@ class JointTrainer(Trainer):
             entry["recipe"]["history"] = self.history
             set_ifp_entries(tmp, predictor=entry, training=entry["recipe"])
         return entry
-
-
-def _tree(pairs):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(pairs)
-
-
-def _folder_config(folder: Path) -> dict:
-    from .errors import read_json
-
-    return read_json(Path(folder) / "config.json")
 
 
 def text_examples(tokenizer, split: str, n: int, cfg: JointConfig) -> List[Example]:
