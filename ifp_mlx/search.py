@@ -140,7 +140,7 @@ class Objective:
     """Calibration answer loss (nats/token) of one budget under one selection method."""
 
     def __init__(self, model: nn.Module, method, pairs, progress: bool = True):
-        self.model, self.method, self.pairs = model, method, pairs
+        self.model, self.pairs = model, pairs
         self.memo = []
         for prompt, answer in tqdm(pairs, desc="scoring calibration prompts", disable=not progress):
             model.dense()
@@ -171,7 +171,7 @@ class Cache:
     """Measured budgets in a JSONL file: a settings line, then one line per measurement."""
 
     def __init__(self, path: Path, settings: dict):
-        self.path, self.settings = Path(path), settings
+        self.path = Path(path)
         self.rows: Dict[Tuple[int, ...], dict] = {}
         if self.path.is_file():
             lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
@@ -212,14 +212,9 @@ def measure(objective, cache: Cache, budgets, units, kind: str, progress=True) -
 # ---------------------------------------------------------------- the accuracy predictor
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def fit(X: np.ndarray, y: np.ndarray, seed: int = 0):
     """GBDT budget → loss; returns (regressor fit on all rows, held-out report)."""
+    from scipy.stats import spearmanr  # scikit-learn's own dependency
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.metrics import r2_score
 
@@ -240,7 +235,7 @@ def fit(X: np.ndarray, y: np.ndarray, seed: int = 0):
     pred = held.predict(X[test])
     report = {
         "r2": float(r2_score(y[test], pred)),
-        "spearman": spearman(y[test], pred),
+        "spearman": float(spearmanr(y[test], pred).statistic),
         "held_out": [[float(a), float(b)] for a, b in zip(y[test], pred)],  # measured, predicted
     }
     return make().fit(X, y), report

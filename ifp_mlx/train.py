@@ -23,8 +23,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from .errors import IFPError
+from .loading import set_ifp_entries
 from .model import dequantize, tap_ffns
-from .predictors.learned import PredictorConfig, PredictorHead, encode, save, write_entry
+from .predictors.learned import PredictorConfig, PredictorHead, encode, save
 from .predictors.softtopk import hard_topk, straight_through
 from .selection import budget_units, check_keep, mask_diversity
 
@@ -146,9 +147,6 @@ class Trainer:
         return examples(self.tok, split, n, self.cfg)
 
     def _init_head(self) -> None:
-        self._init_from_static()
-
-    def _init_from_static(self) -> None:
         """Start at static pruning: the output bias holds z-scored calibration importances, so
         step 0 is a sensible mask and training learns the prompt-dependent part."""
         from .eval.methods import static_scores
@@ -294,5 +292,5 @@ class Trainer:
         """Save the head beside the model and point the folder's ``ifp`` config at it."""
         entry = save(self.head, self.folder)
         entry["recipe"]["history"] = self.history
-        write_entry(self.folder, entry)
+        set_ifp_entries(self.folder, predictor=entry)
         return entry

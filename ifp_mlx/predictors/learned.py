@@ -132,13 +132,6 @@ def load_head(folder: Path, entry: dict) -> PredictorHead:
     return head
 
 
-def write_entry(folder: Path, entry: Optional[dict]) -> None:
-    """Set (or remove) ``ifp.predictor`` in a model folder's config.json, atomically."""
-    from ..loading import set_ifp_entries
-
-    set_ifp_entries(folder, predictor=entry)
-
-
 @register
 class LearnedPredictor:
     """Scores from the head that ``ifp_mlx.load`` found in the model folder."""
