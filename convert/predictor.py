@@ -3,9 +3,10 @@
 The torch side is a state dict (``.pt``/``.bin``, read with ``weights_only=True``, or
 ``.safetensors``) holding ``fc1.weight/bias`` (hidden × 2d) and ``fc2.weight/bias`` (Σ units ×
 hidden) — an ``nn.Sequential(Linear, GELU, Linear)`` saved as ``0.*``/``2.*`` works too — plus a
-small JSON config ``{"encoder_layers": k, "hidden": 128}``. Its forward must be the one of
+small JSON config ``{"encoder_layers": k, "hidden": 128}``; optional ``feature_mean`` and
+``feature_std`` (2d) standardize the normalized features before fc1. Its forward must be the one of
 :class:`ifp_mlx.predictors.learned.PredictorHead`: features = [mean, last] hidden state after
-k layers, each half RMS-normalized, fc1 → exact GELU → fc2, then z-scored per layer.
+k layers, each half RMS-normalized, standardized, fc1 → exact GELU → fc2, then z-scored per layer.
 """
 
 from pathlib import Path
@@ -29,13 +30,15 @@ def import_predictor(
     weights = {ALIASES.get(k, k): v for k, v in load_weight_file(state_path).items()}
     weights = {k.removeprefix("head."): v for k, v in weights.items()}
     need = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
-    if set(weights) != need:
+    if not need <= set(weights) <= need | set(PredictorHead.STATS):
         raise IFPError(f"{state_path}: expected tensors {sorted(need)}, found {sorted(weights)}")
     hidden = int(raw.get("hidden", weights["fc1.weight"].shape[0]))
     cfg = PredictorConfig(units, hidden_size, int(raw.get("encoder_layers", 2)), hidden)
     cfg.recipe = {"imported_from": state_path.name, **raw.get("recipe", {})}
     head = PredictorHead(cfg)
     expect = {k: v.shape for k, v in _shapes(head).items()}
+    for k in PredictorHead.STATS:
+        weights.setdefault(k, getattr(head, k))
     for k, shape in expect.items():
         if tuple(weights[k].shape) != tuple(shape):
             raise IFPError(

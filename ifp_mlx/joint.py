@@ -121,6 +121,12 @@ class JointTrainer(Trainer):
             return super().examples(split, n)
         return text_examples(self.tok, split, n, self.cfg)
 
+    def _fit_features(self) -> None:
+        if self.base_head is None:
+            return super()._fit_features()
+        for k in self.head.STATS:  # the folder's predictor keeps its own
+            setattr(self.head, k, getattr(self.base_head, k))
+
     def _init_head(self) -> None:
         if self.base_head is None:
             return super()._init_head()

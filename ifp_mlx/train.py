@@ -140,8 +140,12 @@ class Trainer:
         L = cfg.encoder_layers
         self.train_f = _features(self.model, self.train, L)
         self.val_f = _features(self.model, self.val, L)
+        self._fit_features()  # also on resume: the statistics are not checkpointed
         if self.step == 0:
             self._init_head()
+
+    def _fit_features(self) -> None:
+        self.head.fit_features(self.train_f)
 
     def examples(self, split: str, n: int) -> List[Example]:
         return examples(self.tok, split, n, self.cfg)

@@ -6,13 +6,21 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import ifp_mlx
 from ifp_mlx.apps import train as train_app
 from ifp_mlx.convert import convert
 from ifp_mlx.eval import EvalConfig, evaluate
-from ifp_mlx.predictors.learned import LearnedPredictor
+from ifp_mlx.predictors.learned import (
+    LearnedPredictor,
+    PredictorConfig,
+    PredictorHead,
+    load_head,
+    save,
+)
 from ifp_mlx.predictors.softtopk import hard_topk, soft_topk
+from ifp_mlx.selection import mask_diversity
 from ifp_mlx.train import TrainConfig, Trainer
 from tests.helpers import cli_error, make_tiny_hf
 
@@ -102,14 +110,51 @@ def test_resume_continues_where_it_stopped(tiny_folder, tmp_path):
     resumed.resume(tmp_path / "ckpt")
     resumed.prepare()
     resumed.run()
-    for (k, a), (_, b) in zip(
-        sorted(full.head.parameters().items()), sorted(resumed.head.parameters().items())
-    ):
-        for x, y in zip(a.values(), b.values()):
-            assert np.allclose(np.array(x), np.array(y), atol=1e-5), k
+    want = dict(tree_flatten(full.head.parameters()))
+    got = dict(tree_flatten(resumed.head.parameters()))
+    assert set(got) == set(want)  # the feature statistics too
+    for k, v in want.items():
+        assert np.allclose(np.array(v), np.array(got[k]), atol=1e-5), k
 
 
-def test_torch_predictor_import_matches_torch(tiny_folder, tmp_path):
+def _head(units=(64, 64), d=16, seed=3):
+    mx.random.seed(seed)
+    return PredictorHead(PredictorConfig(list(units), d, 1, 32))
+
+
+def test_feature_standardization_lets_the_head_see_the_prompt():
+    """Real hidden states share a few large dimensions, so a head fed them raw sees nearly one
+    input and gives every prompt the same mask; standardized, the prompts differ again."""
+    head = _head()
+    mx.random.seed(4)
+    feats = mx.random.normal((32,)) * 30 + mx.random.normal((24, 32))
+
+    def diversity():
+        scores = head(feats)
+        return mask_diversity(np.array(mx.concatenate([hard_topk(s, 32) for s in scores], -1)))
+
+    raw = diversity()
+    head.fit_features(feats)
+    x = (head.normalize(feats) - head.feature_mean) / head.feature_std
+    assert np.allclose(np.array(x.mean(0)), 0, atol=1e-4)
+    assert np.allclose(np.array(x.std(0)), 1, atol=1e-3)
+    assert diversity() > 3 * raw, (raw, diversity())
+
+
+def test_heads_saved_without_feature_statistics_still_load(tmp_path):
+    head = _head()
+    entry = save(head, tmp_path)
+    path = tmp_path / entry["file"]
+    weights = mx.load(str(path))
+    mx.save_safetensors(str(path), {k: v for k, v in weights.items() if "feature" not in k})
+    again = load_head(tmp_path, entry)
+    feats = mx.random.normal((3, 32))
+    for a, b in zip(head(feats), again(feats)):
+        assert mx.array_equal(a, b)
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_torch_predictor_import_matches_torch(tiny_folder, tmp_path, stats):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -122,7 +167,12 @@ def test_torch_predictor_import_matches_torch(tiny_folder, tmp_path):
     head = torch.nn.Sequential(
         torch.nn.Linear(2 * d, 16), torch.nn.GELU(), torch.nn.Linear(16, units * n_layers)
     )
-    torch.save(head.state_dict(), tmp_path / "pred.pt")
+    state = dict(head.state_dict())
+    mean, std = torch.zeros(2 * d), torch.ones(2 * d)
+    if stats:  # a head trained on standardized features ships their statistics
+        mean, std = torch.randn(2 * d) * 0.1, torch.rand(2 * d) + 0.5
+        state.update(feature_mean=mean, feature_std=std)
+    torch.save(state, tmp_path / "pred.pt")
     (tmp_path / "pred.json").write_text(json.dumps({"encoder_layers": k, "hidden": 16}))
     out = tmp_path / "mlx"
     convert(src, out, predictor=tmp_path / "pred.pt", predictor_config=tmp_path / "pred.json",
@@ -131,7 +181,7 @@ def test_torch_predictor_import_matches_torch(tiny_folder, tmp_path):
     with torch.no_grad():
         h = ref(torch.tensor([prompt]), output_hidden_states=True).hidden_states[k][0]
         rms = lambda x: x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
-        flat = head(torch.cat([rms(h.mean(0)), rms(h[-1])]))
+        flat = head((torch.cat([rms(h.mean(0)), rms(h[-1])]) - mean) / std)
         want = [(s - s.mean()) / (s.std(unbiased=False) + 1e-5) for s in flat.split(units)]
     model, _ = ifp_mlx.load(out)
     got = LearnedPredictor().score(model, prompt, None).scores

@@ -4,7 +4,10 @@ An encoder reads the prompt — by default the target model's own embeddings and
 ``encoder_layers`` layers, so there are no extra encoder weights and the tokenizer is shared —
 and its mean-pooled and last-token hidden states go through an MLP head (2d → hidden → Σ units)
 that scores every FFN unit of every layer. Scores are standardized per layer, so one SoftTopK
-temperature fits all layers. Selection costs ``encoder_layers`` of the model's layers instead
+temperature fits all layers. The features are standardized too, per dimension, with the
+training prompts' statistics: a hidden state is dominated by a few large dimensions that are
+the same for every prompt (≈ 99 % of the energy of SmolLM2's layer-2 state), and a head fed
+raw states sees nearly one input and learns one static mask for all prompts. Selection costs ``encoder_layers`` of the model's layers instead
 of a dense prefill; the pruned model then prefills the prompt itself.
 """
 
@@ -39,16 +42,31 @@ class PredictorConfig:
 class PredictorHead(nn.Module):
     """Pooled prompt features → per-layer standardized unit scores."""
 
+    STATS = ("feature_mean", "feature_std")  # fixed, not trained (identity unless fitted)
+
     def __init__(self, cfg: PredictorConfig):
         super().__init__()
         self.cfg = cfg
+        self.feature_mean = mx.zeros((2 * cfg.hidden_size,))
+        self.feature_std = mx.ones((2 * cfg.hidden_size,))
         self.fc1 = nn.Linear(2 * cfg.hidden_size, cfg.hidden)
         self.fc2 = nn.Linear(cfg.hidden, sum(cfg.units))
+        self.freeze(keys=list(self.STATS), recurse=False)
+
+    def normalize(self, features: mx.array) -> mx.array:
+        d = self.cfg.hidden_size
+        return mx.concatenate([_rms(features[..., :d]), _rms(features[..., d:])], axis=-1)
+
+    def fit_features(self, features: mx.array) -> None:
+        """Standardize with these (training) prompts' per-dimension mean and std."""
+        x = self.normalize(features.astype(mx.float32))
+        self.feature_mean = x.mean(0)
+        self.feature_std = mx.maximum(x.std(0), 1e-3)
+        mx.eval(self.feature_mean, self.feature_std)
 
     def __call__(self, features: mx.array) -> List[mx.array]:
         """features (..., 2d) → list over layers of (..., units_l) z-scored scores."""
-        d = self.cfg.hidden_size
-        x = mx.concatenate([_rms(features[..., :d]), _rms(features[..., d:])], axis=-1)
+        x = (self.normalize(features) - self.feature_mean) / self.feature_std
         flat = self.fc2(nn.gelu(self.fc1(x)))
         out, start = [], 0
         for n in self.cfg.units:
@@ -124,8 +142,11 @@ def load_head(folder: Path, entry: dict) -> PredictorHead:
     if not path.is_file():
         raise IFPError(f"{folder}: the learned predictor's weights {path.name} are missing")
     try:
-        head.load_weights(str(path), strict=True)
-    except ValueError as e:
+        weights = mx.load(str(path))
+        for k in PredictorHead.STATS:  # heads saved before feature standardization
+            weights.setdefault(k, getattr(head, k))
+        head.load_weights(list(weights.items()), strict=True)
+    except (ValueError, RuntimeError) as e:
         raise IFPError(f"{path}: does not match its config ({str(e).splitlines()[0][:160]})")
     head.set_dtype(mx.float32)  # shipped heads may be stored in float16
     mx.eval(head.parameters())
