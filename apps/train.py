@@ -19,8 +19,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="stages 1 and 2: the new model folder to write")
     for flag, typ in (("steps", int), ("batch", int), ("lr", float), ("tau", float),
                       ("distill", float), ("encoder-layers", int), ("n-train", int),
-                      ("n-val", int), ("val-every", int), ("seed", int), ("dense-frac", float), ("init-scale", float),
-                      ("lora-rank", int), ("lora-lr", float), ("prefix", int)):  # fmt: skip
+                      ("n-val", int), ("val-every", int), ("seed", int), ("dense-frac", float),
+                      ("init-scale", float), ("oracle", float), ("lora-rank", int),
+                      ("lora-lr", float), ("prefix", int)):  # fmt: skip
         p.add_argument(f"--{flag}", type=typ)
     p.add_argument("--checkpoint", help="checkpoint folder (default: MODEL/.ifp-train)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
@@ -38,7 +39,7 @@ def run(args) -> None:
 
     joint = args.stage != 0
     names = ["keep", "keep_max", "steps", "batch", "lr", "tau", "distill", "encoder_layers",
-             "n_train", "n_val", "val_every", "seed", "init_scale"]  # fmt: skip
+             "n_train", "n_val", "val_every", "seed", "init_scale", "oracle"]  # fmt: skip
     if joint:
         names += ["dense_frac", "lora_rank", "lora_lr", "prefix"]
         if args.stage not in (1, 2):

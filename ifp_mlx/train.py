@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .errors import IFPError
 from .loading import set_ifp_entries
 from .model import dequantize, tap_ffns
+from .predictors.activation import ActivationPredictor
 from .predictors.learned import PredictorConfig, PredictorHead, encode, save
 from .predictors.softtopk import hard_topk, straight_through
 from .selection import budget_units, check_keep, mask_diversity
@@ -50,6 +51,7 @@ class TrainConfig:
     val_every: int = 50
     seed: int = 0
     init_scale: float = 0.1  # size of the prompt-dependent part of the head at step 0
+    oracle: float = 0.0  # weight of fitting each training example's oracle unit importances
 
     @classmethod
     def preset(cls, name: str, **kw) -> "TrainConfig":
@@ -74,6 +76,8 @@ def check(cfg: TrainConfig, units: List[int]) -> None:
     for n in units:
         if round(cfg.keep * n) < 1:
             raise IFPError(f"keep {cfg.keep} rounds to 0 of a layer's {n} units")
+    if cfg.oracle < 0:
+        raise IFPError("--oracle must be ≥ 0")
     if cfg.steps <= 0 or cfg.batch <= 0 or cfg.n_train <= 0 or cfg.n_val <= 0:
         raise IFPError("steps, batch, n-train and n-val must be positive")
 
@@ -100,6 +104,11 @@ def _batch(items: List[Example]):
         y[i, : len(s) - 1] = s[1:]
         w[i, len(p) - 1 : len(s) - 1] = 1.0
     return mx.array(x), mx.array(y), mx.array(w)
+
+
+def _zlog(s: mx.array) -> mx.array:
+    s = mx.log(s + 1e-6)
+    return (s - s.mean()) / (s.std() + 1e-6)
 
 
 def _features(model, items: List[Example], layers: int) -> mx.array:
@@ -141,11 +150,24 @@ class Trainer:
         self.train_f = _features(self.model, self.train, L)
         self.val_f = _features(self.model, self.val, L)
         self._fit_features()  # also on resume: the statistics are not checkpointed
+        self.train_t = self._oracle_targets(self.train) if cfg.oracle else None
         if self.step == 0:
             self._init_head()
 
     def _fit_features(self) -> None:
         self.head.fit_features(self.train_f)
+
+    def _oracle_targets(self, items: List[Example]) -> mx.array:
+        """Per example, the z-scored log importance of every unit over prompt *and* answer (the
+        eval's oracle): a dense per-unit target that tells the head which units *this* prompt's
+        answer uses, far richer than the answer loss's gradient through a top-k."""
+        self.model.dense()
+        out = []
+        for p, a in tqdm(items, desc="oracle targets", disable=not self.progress):
+            scores = ActivationPredictor().score(self.model, p + a + [0], None).scores
+            out.append(mx.concatenate([_zlog(s) for s in scores]))
+            mx.eval(out[-1])
+        return mx.stack(out)
 
     def examples(self, split: str, n: int) -> List[Example]:
         return examples(self.tok, split, n, self.cfg)
@@ -164,15 +186,15 @@ class Trainer:
         mx.eval(self.head.parameters())
 
     # ---- loss
-    def _masks(self, feats: mx.array, keep: float, hard_only: bool = False):
+    def _masks(self, scores: List[mx.array], keep: float, hard_only: bool = False):
         ks = budget_units(keep, self.model.ffn_units)
-        scores = self.head(feats)
         if hard_only:
             return [hard_topk(s, k)[:, None, :] for s, k in zip(scores, ks)]
         return [straight_through(s, k, self.cfg.tau)[:, None, :] for s, k in zip(scores, ks)]
 
-    def _loss(self, head, feats, x, y, w, keep, dense_logp=None):
-        masks = self._masks(feats, keep)
+    def _loss(self, head, feats, x, y, w, keep, dense_logp=None, targets=None):
+        scores = self.head(feats)
+        masks = self._masks(scores, keep)
         with tap_ffns(self.model, record=False, masks=masks):
             logits = self.model(x)[:, :-1].astype(mx.float32)
         ce = nn.losses.cross_entropy(logits, y) * w
@@ -181,6 +203,8 @@ class Trainer:
             logq = logits - mx.logsumexp(logits, -1, keepdims=True)
             kl = ((mx.exp(dense_logp) * (dense_logp - logq)).sum(-1) * w).sum() / w.sum()
             loss = loss + self.cfg.distill * kl
+        if targets is not None:
+            loss = loss + self.cfg.oracle * ((mx.concatenate(scores, -1) - targets) ** 2).mean()
         return loss
 
     def val_loss(self, keep: Optional[float] = None) -> float:
@@ -189,7 +213,7 @@ class Trainer:
         total, count = 0.0, 0.0
         for i in range(len(self.val)):
             x, y, w = _batch(self.val[i : i + 1])
-            masks = self._masks(self.val_f[i : i + 1], keep, hard_only=True)
+            masks = self._masks(self.head(self.val_f[i : i + 1]), keep, hard_only=True)
             with tap_ffns(self.model, record=False, masks=masks):
                 logits = self.model(x)[:, :-1].astype(mx.float32)
             total += (nn.losses.cross_entropy(logits, y) * w).sum().item()
@@ -200,7 +224,7 @@ class Trainer:
         """Mean fraction of kept units that differ between two val prompts' masks (0 = the
         predictor ignores the prompt, i.e. collapsed to static)."""
         keep = self.cfg.keep if keep is None else keep
-        masks = self._masks(self.val_f, keep, hard_only=True)
+        masks = self._masks(self.head(self.val_f), keep, hard_only=True)
         return mask_diversity(np.array(mx.concatenate([x[:, 0] for x in masks], axis=-1)))
 
     def validate(self) -> dict:
@@ -228,12 +252,13 @@ class Trainer:
             items = [self.train[i] for i in idx]
             x, y, w = _batch(items)
             feats = self.train_f[mx.array(idx)]
+            targets = None if self.train_t is None else self.train_t[mx.array(idx)]
             keep = self._step_keep(rng)
             dense_logp = None
             if cfg.distill:
                 d = self._teacher(x)[:, :-1].astype(mx.float32)
                 dense_logp = mx.stop_gradient(d - mx.logsumexp(d, -1, keepdims=True))
-            loss, grads = loss_and_grad(self.trainable, feats, x, y, w, keep, dense_logp)
+            loss, grads = loss_and_grad(self.trainable, feats, x, y, w, keep, dense_logp, targets)
             self.opt.update(self.trainable, grads)
             mx.eval(self.trainable.parameters(), self.opt.state, loss)
             self.step += 1

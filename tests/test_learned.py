@@ -12,6 +12,7 @@ import ifp_mlx
 from ifp_mlx.apps import train as train_app
 from ifp_mlx.convert import convert
 from ifp_mlx.eval import EvalConfig, evaluate
+from ifp_mlx.eval.methods import OraclePredictor
 from ifp_mlx.predictors.learned import (
     LearnedPredictor,
     PredictorConfig,
@@ -95,6 +96,28 @@ def test_tiny_training_lowers_val_loss_and_round_trips(tiny_folder, tmp_path):
     r = evaluate(again, tok, EvalConfig.quick(metrics=["chat-loss"]), progress=False)
     assert "ifp-learned" in r["settings"]["methods"]
     assert any(x["method"] == "ifp-learned" and x["keep"] == 0.5 for x in r["results"])
+
+
+def test_oracle_targets_pull_the_scores_towards_each_answers_units(tiny_folder, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder / "m", folder)
+    trainer = Trainer(*ifp_mlx.load(folder), _cfg(oracle=1.0), folder, progress=False)
+    trainer.prepare()
+    n = len(trainer.train)
+    assert trainer.train_t.shape == (n, sum(trainer.model.ffn_units))
+    # A target ranks the units as the eval's oracle does for that (prompt, answer).
+    p, a = trainer.train[0]
+    scores = OraclePredictor(a).score(trainer.model, p, None).scores
+    for s, t in zip(scores, np.split(np.array(trainer.train_t[0]), len(scores))):
+        assert (np.argsort(np.array(s)) == np.argsort(t)).all()
+
+    def error():
+        s = mx.concatenate(trainer.head(trainer.train_f), -1)
+        return float(((s - trainer.train_t) ** 2).mean())
+
+    before = error()
+    trainer.run()
+    assert error() < before
 
 
 def test_resume_continues_where_it_stopped(tiny_folder, tmp_path):
@@ -199,6 +222,7 @@ def test_bad_input(tiny_folder, tmp_path, capsys, monkeypatch):
 
     fails(["--keep", "0.001"], "rounds to 0")
     fails(["--keep", "1.5"], "keep must be in (0, 1]")
+    fails(["--oracle", "-1"], "--oracle must be ≥ 0")
     fails(["--resume", "--checkpoint", str(tmp_path / "none")], "nothing to resume")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "meta.json").write_text(
