@@ -38,8 +38,8 @@ def test_keep_half_recorded_answer_and_dense_answer(smol_q4):
 
 
 # The same at keep 0.5 with the shipped learned predictor (the bundled model's default):
-# "The sky on a clear day is a light, light, light, light," — fluent, on-topic, repetitive.
-RECORDED_LEARNED = [504, 6376, 335, 253, 2437, 1194, 314, 253, 1420, 28, 1420, 28, 1420, 28, 1420, 28]  # fmt: skip
+# "The color on a clear day is a type of light, a light that is" — fluent, on-topic, vague.
+RECORDED_LEARNED = [504, 2380, 335, 253, 2437, 1194, 314, 253, 1502, 282, 1420, 28, 253, 1420, 338, 314]  # fmt: skip
 
 
 def test_bundled_model_ships_its_learned_predictor(smol_q4, tmp_path):
