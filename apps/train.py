@@ -10,7 +10,7 @@ from ..errors import IFPError, cli_errors
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-train", description=__doc__)
     p.add_argument("--model", help="ifp-mlx model folder to train for (default: bundled SmolLM2)")
-    p.add_argument("--preset", default="cpu", help="quick | cpu (≈30 min, SmolLM2) | full")
+    p.add_argument("--preset", default="cpu", help="quick | cpu (≈50 min, SmolLM2) | full")
     p.add_argument("--keep", type=float)
     p.add_argument("--keep-max", type=float, help="train over keeps sampled in [keep, keep-max]")
     p.add_argument("--stage", type=int, default=0,

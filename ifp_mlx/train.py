@@ -58,7 +58,7 @@ class TrainConfig:
         presets = {
             "quick": dict(steps=6, batch=2, n_train=8, n_val=3, max_prompt=32, max_answer=8,
                           val_every=3),
-            # SmolLM2-135M on a 2-core CPU: about 40 minutes (oracle targets: 10).
+            # SmolLM2-135M on a 2-core CPU: about 50 minutes (the oracle targets: ~15).
             "cpu": dict(oracle=1.0),
             # What a full run wants: ~20k prompts, longer answers, distillation, a GPU / Mac.
             "full": dict(steps=5000, batch=16, n_train=20000, n_val=256, max_prompt=512,
