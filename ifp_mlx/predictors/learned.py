@@ -7,8 +7,9 @@ that scores every FFN unit of every layer. Scores are standardized per layer, so
 temperature fits all layers. The features are standardized too, per dimension, with the
 training prompts' statistics: a hidden state is dominated by a few large dimensions that are
 the same for every prompt (≈ 99 % of the energy of SmolLM2's layer-2 state), and a head fed
-raw states sees nearly one input and learns one static mask for all prompts. Selection costs ``encoder_layers`` of the model's layers instead
-of a dense prefill; the pruned model then prefills the prompt itself.
+raw states sees nearly one input and learns one static mask for all prompts. Selection costs
+``encoder_layers`` of the model's layers instead of a dense prefill; the pruned model then
+prefills the prompt itself.
 """
 
 import copy
