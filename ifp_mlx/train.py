@@ -25,7 +25,6 @@ from tqdm import tqdm
 from .errors import IFPError
 from .loading import set_ifp_entries
 from .model import dequantize, tap_ffns
-from .predictors.activation import ActivationPredictor
 from .predictors.learned import PredictorConfig, PredictorHead, encode, save
 from .predictors.softtopk import hard_topk, straight_through
 from .selection import budget_units, check_keep, mask_diversity
@@ -161,10 +160,12 @@ class Trainer:
         """Per example, the z-scored log importance of every unit over prompt *and* answer (the
         eval's oracle): a dense per-unit target that tells the head which units *this* prompt's
         answer uses, far richer than the answer loss's gradient through a top-k."""
+        from .eval.methods import OraclePredictor
+
         self.model.dense()
         out = []
         for p, a in tqdm(items, desc="oracle targets", disable=not self.progress):
-            scores = ActivationPredictor().score(self.model, p + a + [0], None).scores
+            scores = OraclePredictor(a).score(self.model, p, None).scores
             out.append(mx.concatenate([_zlog(s) for s in scores]))
             mx.eval(out[-1])
         return mx.stack(out)
