@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import cli_errors
+from .common import add_store_flag
 
 
 def main(argv=None) -> None:
@@ -24,17 +25,29 @@ def main(argv=None) -> None:
     s.add_argument("--decode-tokens", type=int, default=64)
     s.add_argument("--predictor", help="default: the model's (learned if trained, else activation)")
     s.add_argument("--json", default="results/bench-speed.json")
+    add_store_flag(s)
     pol = sub.add_parser("policy", help="multi-turn policies: first-turn vs per-turn")
     pol.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
     pol.add_argument("--keep", type=float, default=0.5)
     pol.add_argument("--answer-tokens", type=int, default=32)
     pol.add_argument("--json", default="results/bench-policy.json")
+    add_store_flag(pol)
+    m = sub.add_parser("memory", help="peak memory and reads: dense vs memory vs flash store")
+    m.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    m.add_argument("--keep", type=float, default=0.5)
+    m.add_argument("--max-tokens", type=int, default=32, help="tokens per one-shot answer")
+    m.add_argument("--decode-tokens", type=int, default=32)
+    m.add_argument("--rounds", type=int, default=3)
+    m.add_argument("--predictor", help="default: the model's (learned if trained, else activation)")
+    m.add_argument("--json", default="results/bench-memory.json")
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):
         if args.cmd == "speed":
             return run_speed(args)
         if args.cmd == "policy":
             return run_policy(args)
+        if args.cmd == "memory":
+            return run_memory(args)
         from ..bench import quant_quality
 
         r = quant_quality(
@@ -63,7 +76,7 @@ def run_speed(args) -> None:
 
     for k in args.keep:
         check_keep(k)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store)
     r = speed(model, tokenizer, args.keep, args.prompt_tokens, args.decode_tokens, args.predictor)
     r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
     print(
@@ -93,7 +106,7 @@ def run_policy(args) -> None:
     from ..selection import check_keep
 
     check_keep(args.keep)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store)
     r = policies(model, tokenizer, args.keep, args.answer_tokens)
     r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
     print(f"{r['model']}: keep {args.keep}, {r['conversations']} two-turn conversations")
@@ -102,6 +115,50 @@ def run_policy(args) -> None:
         s = r[policy]
         print(f"{policy:>10} {s['kl']:10.3f} {100 * s['agree']:11.1f}% {s['ttft2_ms']:10.0f}ms")
     write_json(args.json, r)
+
+
+def run_memory(args) -> None:
+    from ..memory import memory_bench, plot
+    from ..selection import check_keep
+
+    check_keep(args.keep)
+    if args.keep == 1.0:
+        from ..errors import IFPError
+
+        raise IFPError("--keep must be below 1 (keep 1 is the dense case, always measured)")
+    r = memory_bench(
+        args.model, args.keep, args.max_tokens, args.decode_tokens, args.rounds, args.predictor
+    )
+    c, io = r["cases"], r["io"]
+    print(f"model {r['model']} | FFN {r['ffn_mb']:.1f} MB | keep {args.keep} | one-shot answer")
+    print(f"{'case':>12} {'peak RSS':>9} {'MLX peak':>9} {'read':>9} {'reads':>6} {'decode':>9}")
+    for name, x in c.items():
+        print(
+            f"{name:>12} {x['peak_rss_mb']:7.0f}MB {x['mlx_peak_mb']:7.0f}MB "
+            f"{x['read_mb']:7.1f}MB {x['read_calls']:6d} {x['decode_tps']:5.1f}t/s"
+        )
+    ok = "ok" if r["flash_saving_mb"] >= r["target_saving_mb"] else "BELOW TARGET"
+    print(
+        f"flash saves {r['flash_saving_mb']:.1f} MB of peak vs dense "
+        f"(target 0.8 x (1 - keep) x FFN = {r['target_saving_mb']:.1f} MB: {ok}); "
+        f"same tokens memory/flash: {r['same_tokens_memory_flash']}"
+    )
+    print(
+        f"materialize: cold {io['cold_materialize_ms']:.1f} ms ({io['cold_read_gbps']:.2f} GB/s, "
+        f"{100 * io['cold_of_sequential']:.0f}% of a sequential read at "
+        f"{io['sequential_read_gbps']:.2f} GB/s), warm {io['warm_materialize_ms']:.1f} ms "
+        f"({io['warm_read_gbps']:.2f} GB/s)"
+    )
+    print(
+        f"reads per select: {io['read_calls']} in file order, "
+        f"{io['read_calls_coactivation_order']} in co-activation order (--permute-units)"
+    )
+    print(
+        f"decode, same compact model: memory {io['decode_tps_memory']:.1f} tok/s, flash "
+        f"{io['decode_tps_flash']:.1f} tok/s ({100 * io['decode_flash_vs_memory']:.1f}%)"
+    )
+    write_json(args.json, r)
+    plot(r, Path(args.json).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -60,13 +60,14 @@ def main(argv=None) -> None:
         from .. import load
         from ..chat import Conversation
 
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, ffn_store=args.ffn_store)
         keep = args.keep if args.keep is not None else model.default_keep
         conv = Conversation(model, tokenizer, keep, args.predictor, args.policy, args.system)
         sampler = sampler_from(args)
     print(
         _dim(
-            f"ifp-chat: keep {conv.keep}, predictor {conv.predictor}, policy {conv.policy}. "
+            f"ifp-chat: keep {conv.keep}, predictor {conv.predictor}, policy {conv.policy}, "
+            f"FFN store {conv.model.ffn_store}. "
             "/help for commands."
         )
     )

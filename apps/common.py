@@ -29,10 +29,21 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", help="activation | learned (default: learned when the model "
                    "folder has a trained predictor, else activation)")  # fmt: skip
     p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
+    add_store_flag(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_store_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ffn-store",
+        default="memory",
+        choices=("memory", "flash"),
+        help="memory: every FFN unit resident; flash: only the kept units are read from the "
+        "model folder, per prompt (needs a folder converted by ifp-mlx >= format 2)",
+    )
 
 
 def sampler_from(args):

@@ -18,7 +18,7 @@ def main(argv=None) -> None:
         from ..generate import stream_generate
 
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, ffn_store=args.ffn_store)
         last = None
         for resp in stream_generate(
             model,

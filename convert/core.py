@@ -17,12 +17,12 @@ from mlx_lm.utils import (
     get_total_parameters,
     quantize_model,
     save_config,
-    save_model,
 )
 from tqdm import tqdm
 
 from ..errors import IFPError, read_json
 from ..model import FORMAT_VERSION, find_ffns, to_unit_major
+from ..store import write_model_files
 from .config import fix_config
 from .gguf_reader import read_gguf
 from .layout import calibration_activations, coactivation_order, permute_units
@@ -227,6 +227,7 @@ def convert(
             "format_version": FORMAT_VERSION,
             "ffn_layout": "unit-major",
             "down_proj": "stored (units, hidden); quantized along hidden",
+            # ffn_store (below): the FFN units live in a unit-bundled file, not safetensors
             "ffn_units": [m.gate_proj.weight.shape[0] for _, m in find_ffns(model)],
             "dtype": dtype,
             "quantization": quant,
@@ -250,7 +251,7 @@ def convert(
                 predictor, predictor_config, cfg["ifp"]["ffn_units"], hidden_size
             )
             cfg["ifp"]["predictor"] = save(head, tmp)
-        save_model(tmp, model)
+        cfg["ifp"]["ffn_store"] = write_model_files(tmp, model)
         save_config(cfg, tmp / "config.json")
         params = dict(tree_flatten(model.parameters()))
         n_bytes = sum(v.nbytes for v in params.values())

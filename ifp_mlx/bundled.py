@@ -72,20 +72,57 @@ def default_model(bits: int = 4) -> Path:
     out = (
         cache_dir() / "models" / (DEFAULT_NAME if bits == 4 else f"SmolLM2-135M-Instruct-{bits}bit")
     )
-    if not (out / "config.json").is_file():
+    if not _current(out):  # missing, or converted by an older ifp-mlx (a cache we own)
         from .convert import convert
 
+        kept = _user_entries(out)
         print(
-            f"first use: converting the bundled SmolLM2-135M-Instruct into {out} ...",
+            f"{'updating' if kept is not None else 'first use: converting'} the bundled "
+            f"SmolLM2-135M-Instruct into {out} ...",
             file=sys.stderr,
         )
         summary = convert(
             bundled_gguf(), out, quantize=True, q_bits=bits, q_group_size=64, force=True
         )
+        if kept:  # same source, same unit order: a trained predictor or budget still fits
+            from .loading import set_ifp_entries
+
+            for name, data in kept.pop("_files").items():
+                (out / name).write_bytes(data)
+            set_ifp_entries(out, **kept)
         print(summary.line(), file=sys.stderr)
     if bits == 4:
         attach_predictor(out)
     return out
+
+
+def _user_entries(folder: Path):
+    """What a user added to an older cached folder (predictor, searched budget), or None."""
+    import json
+
+    try:
+        ifp = json.loads((folder / "config.json").read_text())["ifp"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kept = {k: ifp[k] for k in ("predictor", "budget", "budget_search", "training") if k in ifp}
+    pred = kept.get("predictor") or {}
+    files = [pred.get("file")] if isinstance(pred.get("file"), str) else []
+    kept["_files"] = {f: (folder / f).read_bytes() for f in files if (folder / f).is_file()}
+    if pred and not kept["_files"]:
+        kept.pop("predictor")
+    return kept
+
+
+def _current(folder: Path) -> bool:
+    import json
+
+    from .model import FORMAT_VERSION
+
+    try:
+        ifp = json.loads((folder / "config.json").read_text())["ifp"]
+        return ifp["format_version"] >= FORMAT_VERSION
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 SHIPPED = Path(__file__).parent / "data"

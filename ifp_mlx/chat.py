@@ -56,7 +56,7 @@ class Conversation:
         self.cache = make_prompt_cache(self.model)
         self.cache_tokens: List[int] = []
         self._selected = False
-        self.model.dense()
+        self.model.release()
 
     def _new_tokens(self, full: List[int]) -> List[int]:
         """Trim the cache back to what ``full`` shares with it; return what is left to feed."""

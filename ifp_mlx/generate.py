@@ -62,12 +62,20 @@ class IFPStats:
     generation_tps: float = 0.0
     ttft_ms: float = 0.0
     peak_memory_gb: float = 0.0
+    store: str = "memory"  # where the FFN units live (ifp_mlx.store)
+    read_bytes: int = 0  # flash: bytes read from the unit file for this answer
+    read_calls: int = 0
 
     def line(self) -> str:
+        store = f"store {self.store}"
+        if self.store != "memory":
+            whole = " (every unit: dense)" if self.predictor == "dense" and self.read_bytes else ""
+            store += f", read {self.read_bytes / 2**20:.1f} MB in {self.read_calls} reads{whole}"
         return (
-            f"[kept {100 * self.keep:.0f}% ({self.predictor}) | select {self.select_ms:.0f} ms | "
-            f"materialize {self.materialize_ms:.0f} ms | prompt {self.prompt_tps:.0f} tok/s | "
-            f"decode {self.generation_tps:.1f} tok/s | peak {self.peak_memory_gb:.2f} GB]"
+            f"[kept {100 * self.keep:.0f}% ({self.predictor}) | {store} | select "
+            f"{self.select_ms:.0f} ms | materialize {self.materialize_ms:.0f} ms | prompt "
+            f"{self.prompt_tps:.0f} tok/s | decode {self.generation_tps:.1f} tok/s | peak "
+            f"{self.peak_memory_gb:.2f} GB]"
         )
 
 
@@ -107,7 +115,8 @@ def stream_generate(
         raise IFPError(f"prompt is {used + len(tokens)} tokens, the model's context is {limit}")
     budget_units(model.default_keep if keep is None else keep, model.ffn_units)  # validate early
 
-    stats = IFPStats(prompt_tokens=len(tokens))
+    stats = IFPStats(prompt_tokens=len(tokens), store=model.ffn_store)
+    read0, calls0 = model.ffn_io
     mx.reset_peak_memory()
     tic = time.perf_counter()
     rest = tokens
@@ -120,6 +129,7 @@ def stream_generate(
         stats.materialize_ms = sel.materialize_ms
         stats.materialize_gbps = sel.materialize_gbps
         rest = tokens[sel.prefilled :]
+    stats.read_bytes, stats.read_calls = (a - b for a, b in zip(model.ffn_io, (read0, calls0)))
     if model.selection is not None:
         stats.keep, stats.predictor = model.selection.keep, model.selection.predictor
     ttft_start = time.perf_counter() - tic

@@ -27,9 +27,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import save_config, save_model
+from mlx_lm.utils import save_config
 
 from .errors import IFPError, read_json
+from .model import FORMAT_VERSION
+from .store import write_model_files
 from .train import Example, TrainConfig, Trainer
 
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -103,7 +105,7 @@ class JointTrainer(Trainer):
             linear_to_lora_layers(model, adapted, lora)
         except ValueError as e:
             raise IFPError(f"cannot add LoRA adapters: {e}")
-        model.__dict__.pop("_ifp_full", None)  # the FFN modules changed: rebuild the IFP store
+        model.__dict__.pop("_ifp_ffn_store", None)  # the FFN modules changed: rebuild the IFP store
         self.joint = _Joint(self.head, model)
         self.opt = optim.MultiOptimizer(
             [optim.Adam(learning_rate=cfg.lora_lr), optim.Adam(learning_rate=cfg.lr)],
@@ -168,7 +170,7 @@ class JointTrainer(Trainer):
         fused = [(p, m.fuse(dequantize=True)) for p, m in self.model.named_modules()
                  if isinstance(m, LoRALinear)]  # fmt: skip
         self.model.update_modules(tree_unflatten(fused))
-        self.model.__dict__.pop("_ifp_full", None)
+        self.model.__dict__.pop("_ifp_ffn_store", None)
         config = read_json(self.folder / "config.json")
         with atomic_folder(Path(out), force=False) as tmp:
             copy_tokenizer_files(self.folder, tmp)
@@ -178,7 +180,7 @@ class JointTrainer(Trainer):
             ifp.update(dtype="float32", quantization=None, source=f"{self.folder.name} (joint)")
             ifp.pop("budget", None)  # a searched budget belongs to the base model
             ifp.pop("budget_search", None)
-            save_model(tmp, self.model)
+            ifp.update(format_version=FORMAT_VERSION, ffn_store=write_model_files(tmp, self.model))
             save_config(config, tmp / "config.json")
             entry = save(self.head, tmp)
             entry["recipe"]["history"] = self.history

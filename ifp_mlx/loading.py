@@ -4,12 +4,58 @@ import re
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .errors import IFPError, read_json, write_json
-from .model import FORMAT_VERSION, ifp_model_class
+from .model import FORMAT_VERSION, find_ffns, to_unit_major
+from .selection import IFPMixin
+from .store import FileSpec, FlashStore, UnitFile, build, install, layer_modules, template
+
+FFN_STORES = ("memory", "flash")
+_CLASSES = {}
+
+
+def ifp_model_class(base: type) -> type:
+    """The mlx-lm ``Model`` class ``base`` with unit-major FFNs (built once per family)."""
+    if base not in _CLASSES:
+
+        def __init__(self, args):
+            base.__init__(self, args)
+            to_unit_major(self)
+
+        _CLASSES[base] = type(f"IFP{base.__name__}", (IFPMixin, base), {"__init__": __init__})
+    return _CLASSES[base]
+
+
+def _without_units(model: nn.Module, spec: FileSpec, path: Path) -> nn.Module:
+    """Shape the model's FFNs as the unit file declares (quantized or not) and take their
+    per-unit arrays out (never evaluated, so never allocated): mlx-lm then loads and checks
+    exactly the other weights, and the units come from the store."""
+    ffns = find_ffns(model)
+    if [p for p, _ in ffns] != [layer.path for layer in spec.layers]:
+        raise IFPError(f"{path}: ifp.ffn_store does not describe this model's FFN layers")
+    templates = []
+    for (name, mlp), layer in zip(ffns, spec.layers):
+        for proj, q in layer.quantization.items():
+            if q is not None and "scales" not in getattr(mlp, proj):
+                setattr(mlp, proj, getattr(mlp, proj).to_quantized(**q))
+        expected = {f.name: f.shape for f in layer.fields}
+        have = {n: tuple(a.shape[1:]) for n, a in _unit_arrays(mlp)}
+        if have != expected or mlp.gate_proj.weight.shape[0] != layer.units:
+            raise IFPError(f"{path}: ifp.ffn_store does not match the model config at {name}")
+        templates.append(template(layer_modules(mlp)))
+        install(mlp, templates[-1])
+    object.__setattr__(model, "_ifp_templates", templates)
+    return model
+
+
+def _unit_arrays(mlp):
+    from .store import unit_arrays
+
+    return unit_arrays(layer_modules(mlp))
 
 
 def _resolve(path: Union[str, Path]) -> Path:
@@ -39,40 +85,77 @@ def read_ifp_config(path: Path) -> dict:
 
 
 def load(
-    path: Optional[Union[str, Path]] = None, lazy: bool = False
+    path: Optional[Union[str, Path]] = None, lazy: bool = False, ffn_store: str = "memory"
 ) -> Tuple[nn.Module, TokenizerWrapper]:
     """Load ``(model, tokenizer)`` from an ifp-mlx folder (default: the bundled SmolLM2).
 
-    The model is an mlx-lm model (call it with ``cache=``, pass it to mlx-lm's ``generate``)
-    whose FFNs hold the full unit store.
+    The model is an mlx-lm model (call it with ``cache=``, pass it to mlx-lm's ``generate``).
+    ``ffn_store="memory"`` reads every FFN unit now; ``"flash"`` reads none: each ``select``
+    reads only the kept units from the folder's unit file (``dense()`` reads them all; a
+    forward pass without either streams each layer's units through memory).
     """
+    if ffn_store not in FFN_STORES:
+        raise IFPError(f"ffn_store must be one of {', '.join(FFN_STORES)}, not {ffn_store!r}")
     if path is None:
         from .bundled import default_model
 
         path = default_model()
     path = _resolve(path)
     ifp_config = read_ifp_config(path)["ifp"]
+    spec = None
+    if ifp_config.get("ffn_store") is not None:
+        spec = FileSpec.from_dict(ifp_config["ffn_store"], path)
+    elif ffn_store == "flash":
+        raise IFPError(
+            f"{path} was converted before the flash FFN store existed; reconvert it "
+            "(ifp-convert SOURCE OUT) to use --ffn-store flash, or use --ffn-store memory"
+        )
+    units = UnitFile(path, spec) if spec is not None else None  # validated before the load
 
     def classes(config):
         model_class, args_class = _get_classes(config)
-        return ifp_model_class(model_class), args_class
+        cls = ifp_model_class(model_class)
+        if spec is None:
+            return cls, args_class
+        return (lambda args: _without_units(cls(args), spec, path)), args_class
 
     try:
         model, config = load_model(path, lazy=lazy, get_model_classes=classes)
     except (ValueError, FileNotFoundError) as e:
         raise IFPError(f"cannot load {path}: {str(e).splitlines()[0][:200]}")
     object.__setattr__(model, "_ifp_config", ifp_config)
+    head = None
+    if ifp_config.get("predictor"):
+        from .predictors.learned import load_head
+
+        head = load_head(path, ifp_config["predictor"])
+        object.__setattr__(model, "_ifp_predictor", head)
+    if units is not None:
+        _attach_units(model, units, ffn_store, head)
     budget = ifp_config.get("budget")
     if budget is not None and len(budget) != len(model.ffn_units):
         raise IFPError(
             f"{path}: ifp budget has {len(budget)} layers, the model {len(model.ffn_units)}"
         )
-    if ifp_config.get("predictor"):
-        from .predictors.learned import load_head
-
-        object.__setattr__(model, "_ifp_predictor", load_head(path, ifp_config["predictor"]))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
+
+
+def _attach_units(model: nn.Module, units: UnitFile, ffn_store: str, head) -> None:
+    """Memory: read every unit into the FFN modules. Flash: keep the file open; only a learned
+    predictor's encoder layers are read now (they run dense for every prompt)."""
+    templates = model.__dict__.pop("_ifp_templates")
+    mlps = [m for _, m in find_ffns(model)]
+    if ffn_store == "memory":
+        for i, (mlp, tmpl) in enumerate(zip(mlps, templates)):
+            install(mlp, build(tmpl, units.read(i)))
+            mx.eval(mlp.parameters())
+        units.close()
+        return
+    resident = range(head.cfg.encoder_layers) if head is not None else ()
+    store = FlashStore(units, templates, resident)
+    model._ifp_attach(store, mlps, "dense")
+    model.release()
 
 
 def set_ifp_entries(folder: Union[str, Path], **entries) -> None:

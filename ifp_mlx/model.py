@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: FFN units in a unit-bundled file (ifp_mlx.store); 1 still loads
 
 
 class UnitLinear(nn.Module):
@@ -114,8 +114,12 @@ def dequantize(model: nn.Module) -> nn.Module:
     from mlx_lm.utils import dequantize_model
 
     if hasattr(model, "dense"):  # restore, then forget the IFP store of quantized modules
+        if model.ffn_store != "memory":
+            from .errors import IFPError
+
+            raise IFPError("dequantizing needs the whole model in memory: load(ffn_store='memory')")
         model.dense()
-        model.__dict__.pop("_ifp_full", None)
+        model.__dict__.pop("_ifp_ffn_store", None)
     for _, mlp in find_ffns(model):
         if isinstance(mlp.down_proj, QuantizedUnitLinear):
             mlp.down_proj = mlp.down_proj.dequantized()
@@ -127,6 +131,8 @@ def is_ffn(module: nn.Module) -> bool:
     linear = (nn.Linear, nn.QuantizedLinear, UnitLinear, QuantizedUnitLinear)
 
     def sliceable(layer) -> bool:  # a LoRA wrapper (joint training) counts as its base layer
+        if getattr(layer, "ifp_streamed", False):  # units streamed from a flash store
+            return True
         return isinstance(layer, linear) or isinstance(getattr(layer, "linear", None), linear)
 
     return all(sliceable(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
@@ -152,23 +158,6 @@ def to_unit_major(model: nn.Module) -> List[str]:
     return paths
 
 
-_CLASSES = {}
-
-
-def ifp_model_class(base: type) -> type:
-    """The mlx-lm ``Model`` class ``base`` with unit-major FFNs (built once per family)."""
-    if base not in _CLASSES:
-
-        from .selection import IFPMixin
-
-        def __init__(self, args):
-            base.__init__(self, args)
-            to_unit_major(self)
-
-        _CLASSES[base] = type(f"IFP{base.__name__}", (IFPMixin, base), {"__init__": __init__})
-    return _CLASSES[base]
-
-
 class Tap(nn.Module):
     """Wraps an FFN's down projection to record and/or mask its input (the unit activations).
 
@@ -176,16 +165,17 @@ class Tap(nn.Module):
     models in tests; never present in a model that is decoding.
     """
 
-    def __init__(self, inner: nn.Module, record: Optional[list], mask: Optional[mx.array]):
+    def __init__(self, inner: nn.Module, record: Optional[list], mask: Optional[mx.array], reduce):
         super().__init__()
         self.inner = inner
         # Plain attributes, not module children: they are not parameters.
         object.__setattr__(self, "_record", record)
         object.__setattr__(self, "_mask", mask)
+        object.__setattr__(self, "_reduce", reduce)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self._record is not None:
-            self._record.append(x)
+            self._record.append(x if self._reduce is None else self._reduce(x))
         if self._mask is not None:
             x = x * self._mask
         return self.inner(x)
@@ -193,19 +183,21 @@ class Tap(nn.Module):
 
 class tap_ffns:
     """``with tap_ffns(model, record=True, masks=None) as records:`` — records[l] is a list of
-    the activation inputs ``act(gate) * up`` that layer l's down projection saw."""
+    the activation inputs ``act(gate) * up`` that layer l's down projection saw (or of
+    ``reduce(input)``: a predictor that only needs a per-unit summary keeps no activations)."""
 
-    def __init__(self, model: nn.Module, record: bool = True, masks=None):
+    def __init__(self, model: nn.Module, record: bool = True, masks=None, reduce=None):
         self.ffns = [m for _, m in find_ffns(model)]
         self.record = record
         self.masks = masks
+        self.reduce = reduce
 
     def __enter__(self) -> List[list]:
         self.records = [[] for _ in self.ffns]
         for i, mlp in enumerate(self.ffns):
             mask = None if self.masks is None else self.masks[i]
             rec = self.records[i] if self.record else None
-            mlp.down_proj = Tap(mlp.down_proj, rec, mask)
+            mlp.down_proj = Tap(mlp.down_proj, rec, mask, self.reduce)
         return self.records
 
     def __exit__(self, *exc):

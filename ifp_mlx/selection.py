@@ -6,18 +6,17 @@ attribute assignment. The full FFN modules are kept aside, so the next prompt ca
 and ``dense()`` restores the original model exactly.
 """
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from .errors import IFPError
 from .model import find_ffns
+from .store import MemoryStore, install, layer_modules
 
 Budget = Union[float, Sequence[float], None]
 
@@ -94,6 +93,10 @@ class Selection:
     select_ms: float = 0.0  # top-k
     materialize_ms: float = 0.0
     bytes: int = 0  # bytes gathered into the compact FFN
+    store: str = "memory"  # where the units came from (ifp_mlx.store)
+    bytes_read: int = 0  # flash: bytes read from the unit file to materialize
+    read_calls: int = 0  # flash: positional reads issued (runs of adjacent units coalesce)
+    score_bytes_read: int = 0  # flash: bytes streamed by the predictor's dense pass
     prefilled: int = 0  # prompt tokens the predictor already put in the cache
     extra: dict = field(default_factory=dict)
 
@@ -119,37 +122,48 @@ class Selection:
         return self.bytes / (self.materialize_ms * 1e6) if self.materialize_ms else 0.0
 
 
-def _gather(module: nn.Module, idx: mx.array, row_bias: bool) -> nn.Module:
-    """A shallow copy of a (quantized) linear layer whose unit rows are ``idx``."""
-    new = copy.copy(module)
-    for name in ("weight", "scales", "biases"):
-        if module.get(name) is not None:
-            new[name] = mx.take(module[name], idx, axis=0)
-    if row_bias and "bias" in module:
-        new["bias"] = mx.take(module["bias"], idx, axis=0)
-    return new
-
-
-def _arrays(module: nn.Module) -> List[mx.array]:
-    return [v for k, v in module.items() if isinstance(v, mx.array)]
+def _arrays(module) -> List[mx.array]:
+    return [v for v in module.values() if isinstance(v, mx.array)]
 
 
 class IFPMixin:
-    """Methods added to every loaded ifp-mlx model: ``select``, ``apply_selection``, ``dense``."""
+    """Methods added to every loaded ifp-mlx model: ``select``, ``apply_selection``, ``dense``,
+    ``release``. Where the units come from is the FFN store's business (``ifp_mlx.store``)."""
 
     def _ifp_store(self):
-        store = self.__dict__.get("_ifp_full")
-        if store is None:
-            ffns = [m for _, m in find_ffns(self)]
-            store = [(m.gate_proj, m.up_proj, m.down_proj) for m in ffns]
-            object.__setattr__(self, "_ifp_full", store)
-            object.__setattr__(self, "_ifp_mlps", ffns)
-            object.__setattr__(self, "_ifp_selection", None)
+        store = self.__dict__.get("_ifp_ffn_store")
+        if store is None:  # the model's own modules (also after training swapped them)
+            mlps = [m for _, m in find_ffns(self)]
+            self._ifp_attach(MemoryStore([layer_modules(m) for m in mlps]), mlps, "dense")
+            store = self.__dict__["_ifp_ffn_store"]
         return store
+
+    def _ifp_attach(self, store, mlps: list, state: str) -> None:
+        object.__setattr__(self, "_ifp_ffn_store", store)
+        object.__setattr__(self, "_ifp_mlps", mlps)
+        object.__setattr__(self, "_ifp_state", state)  # dense | selected | streamed
+        object.__setattr__(self, "_ifp_selection", None)
+
+    def _install(self, layers, state: str, selection: Optional[Selection] = None) -> None:
+        for mlp, mods in zip(self.__dict__["_ifp_mlps"], layers):
+            install(mlp, mods)
+        object.__setattr__(self, "_ifp_state", state)
+        object.__setattr__(self, "_ifp_selection", selection)
+
+    @property
+    def ffn_store(self) -> str:
+        """``"memory"`` (every unit resident) or ``"flash"`` (units read from the file)."""
+        return self._ifp_store().name
+
+    @property
+    def ffn_io(self) -> Tuple[int, int]:
+        """(bytes read, read calls) from the unit file since load (0, 0 with the memory store)."""
+        store = self._ifp_store()
+        return store.bytes_read, store.read_calls
 
     @property
     def ffn_units(self) -> List[int]:
-        return [d.weight.shape[0] for _, _, d in self._ifp_store()]  # unit-major down_proj
+        return list(self._ifp_store().units)
 
     @property
     def selection(self) -> Optional[Selection]:
@@ -157,34 +171,55 @@ class IFPMixin:
         return self.__dict__["_ifp_selection"]
 
     def dense(self) -> None:
-        """Restore the full FFNs (the original model, bit for bit)."""
+        """Restore the full FFNs (the original model, bit for bit). With the flash store this
+        reads every unit (it is the dense model); a model already dense reads nothing."""
         store = self._ifp_store()
-        for mlp, (g, u, d) in zip(self.__dict__["_ifp_mlps"], store):
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj = g, u, d
-        object.__setattr__(self, "_ifp_selection", None)
+        if store.name != "memory" and self.__dict__["_ifp_state"] == "dense":
+            return
+        self.release()  # flash: drop the compact units before reading the full ones
+        layers = []
+        for i in range(len(store.units)):
+            layers.append(store.full(i))
+            mx.eval([a for m in layers[-1] for a in _arrays(m)])
+        self._install(layers, "dense")
+
+    def release(self) -> None:
+        """Drop the current selection. Memory store: the dense model. Flash store: no unit
+        stays in memory (a forward pass then streams each layer's units from the file)."""
+        store = self._ifp_store()
+        if store.name == "memory":
+            self._install([store.full(i) for i in range(len(store.units))], "dense")
+        elif self.__dict__["_ifp_state"] != "streamed":
+            self._install([store.scoring(i) for i in range(len(store.units))], "streamed")
 
     def apply_selection(self, selection: Selection) -> Selection:
-        """Materialize ``selection``: gather kept rows once, swap them in."""
+        """Materialize ``selection``: gather (memory) or read (flash) the kept units once,
+        evaluate them in one ``mx.eval``, swap them in."""
         store = self._ifp_store()
-        if len(selection.indices) != len(store):
-            raise IFPError(f"selection has {len(selection.indices)} layers, model has {len(store)}")
+        if len(selection.indices) != len(store.units):
+            raise IFPError(
+                f"selection has {len(selection.indices)} layers, model has {len(store.units)}"
+            )
+        store.check()
+        if store.name != "memory":
+            self.release()  # peak: one compact model, never compact + old compact
+        read0, calls0 = store.bytes_read, store.read_calls
         tic = time.perf_counter()
-        compact, arrays = [], []
-        for (g, u, d), idx in zip(store, selection.indices):
-            if len(idx) == g.weight.shape[0]:
-                compact.append((g, u, d))
-                continue
-            ids = mx.array(idx)
-            parts = (_gather(g, ids, True), _gather(u, ids, True), _gather(d, ids, False))
-            compact.append(parts)
-            for p in parts:
-                arrays.extend(_arrays(p))
-        mx.eval(arrays)
-        for mlp, (g, u, d) in zip(self.__dict__["_ifp_mlps"], compact):
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj = g, u, d
+        compact = [store.gather(i, idx) for i, idx in enumerate(selection.indices)]
+        fresh = [  # the new arrays (a layer kept whole from resident units is not copied)
+            a
+            for i, mods in enumerate(compact)
+            if mods is not store.resident_layer(i)
+            for m in mods
+            for a in _arrays(m)
+        ]
+        mx.eval(fresh)
         selection.materialize_ms = (time.perf_counter() - tic) * 1e3
-        selection.bytes = sum(a.nbytes for a in arrays)
-        object.__setattr__(self, "_ifp_selection", selection)
+        selection.bytes = sum(a.nbytes for a in fresh)
+        selection.store = store.name
+        selection.bytes_read = store.bytes_read - read0
+        selection.read_calls = store.read_calls - calls0
+        self._install(compact, "selected", selection)
         return selection
 
     def select(
@@ -210,7 +245,13 @@ class IFPMixin:
         units = self.ffn_units
         ks = budget_units(keep, units, block)
         pred = get_predictor(predictor)
-        self.dense()
+        store = self._ifp_store()
+        store.check()
+        if store.name == "memory":
+            self.dense()
+        elif self.__dict__["_ifp_state"] != "dense":
+            self.release()  # the predictor's dense pass streams units layer by layer
+        read0 = store.bytes_read
         tic = time.perf_counter()
         result = pred.score(self, tokens, cache)
         mx.eval(result.scores)
@@ -219,6 +260,7 @@ class IFPMixin:
         indices = [top_units(s, k, block) for s, k in zip(result.scores, ks)]
         select_ms = (time.perf_counter() - tic) * 1e3
         sel = Selection(indices, units, pred.name, score_ms, select_ms, prefilled=result.prefilled)
+        sel.score_bytes_read = store.bytes_read - read0
         return self.apply_selection(sel)
 
     @property

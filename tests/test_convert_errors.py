@@ -146,13 +146,13 @@ def test_interrupted_write_leaves_nothing(tiny_bin, tmp_path, capsys, monkeypatc
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    real_save = core.save_model
+    real_save = core.write_model_files
 
     def save_then_fail(path, model):
         real_save(path, model)  # weights half-written into the temp folder
         raise exc("disk full" if exc is OSError else None)
 
-    monkeypatch.setattr(core, "save_model", save_then_fail)
+    monkeypatch.setattr(core, "write_model_files", save_then_fail)
     if exc is KeyboardInterrupt:
         run_cli(capsys, tiny_bin, out, "--force")
     else:

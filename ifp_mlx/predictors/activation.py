@@ -34,11 +34,11 @@ class ActivationPredictor:
         else:  # the last token is left for the pruned model to feed when decoding starts
             body = tokens[:-1]
         sums = None
-        with tap_ffns(model) as records:
+        with tap_ffns(model, reduce=_sq_normalized) as records:
             for start in range(0, len(body), PREFILL_STEP):
                 chunk = mx.array(body[start : start + PREFILL_STEP])[None]
                 model(chunk, cache=cache)
-                part = [_sq_normalized(r.pop()) for r in records]
+                part = [r.pop() for r in records]
                 sums = part if sums is None else [a + b for a, b in zip(sums, part)]
                 mx.eval(sums, [c.state for c in cache] if cache else [])
         prefilled = len(body) if cache is not None else 0

@@ -1,0 +1,218 @@
+"""Memory benchmark: the dense model vs the memory and flash FFN stores, on one model.
+
+Peak RSS is per process, so every generation case runs in a fresh interpreter
+(``python -m ifp_mlx.memory CASE``) and reports its own ``ru_maxrss``; read bandwidth
+(cold: the unit file evicted from the page cache first, warm: cached), read calls and
+decode speed with both stores over the same compact model are measured side by side in
+the calling process.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import IFPError
+from .store import runs
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+CALIBRATION = (  # orders units by co-activation for the read-call comparison; not a bench prompt
+    "A recipe is a set of steps. Mix the flour with water, add salt, and knead the dough for ten "
+    "minutes. Meanwhile, in a small program, a loop adds the numbers from one to ten and prints "
+    "the total. The museum opened in 1890 and holds paintings from three centuries."
+)
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10
+
+
+def run_case(folder: str, store: str, keep: float, max_tokens: int, predictor=None) -> dict:
+    """One-shot generation in this process; what a user's process would peak at."""
+    from .generate import stream_generate
+    from .loading import load
+
+    tic = time.perf_counter()
+    model, tokenizer = load(folder or None, ffn_store=store)
+    load_s = time.perf_counter() - tic
+    tokens, last = [], None
+    for r in stream_generate(model, tokenizer, PROMPT, keep, predictor, max_tokens):
+        tokens.append(int(r.token))
+        last = r
+    return {
+        "store": store,
+        "keep": keep,
+        "peak_rss_mb": _peak_rss_mb(),
+        "mlx_peak_mb": mx.get_peak_memory() / 2**20,
+        "load_s": load_s,
+        "read_mb": last.ifp.read_bytes / 2**20,
+        "read_calls": last.ifp.read_calls,
+        "materialize_ms": last.ifp.materialize_ms,
+        "decode_tps": last.ifp.generation_tps,
+        "tokens": tokens,
+    }
+
+
+def _subprocess_case(folder, store, keep, max_tokens, predictor) -> dict:
+    cmd = [sys.executable, "-m", "ifp_mlx.memory", folder or "", store, str(keep),
+           str(max_tokens), predictor or ""]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise IFPError(f"memory case {store} keep {keep} failed: {tail[:200]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _cold_read_gbps(path: Path, chunk: int = 8 << 20) -> float:
+    """A plain sequential read of the whole file after evicting it: the machine's baseline."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(chunk)
+        done, tic = 0, time.perf_counter()
+        while n := os.readv(fd, [buf]):
+            done += n
+        return done / (time.perf_counter() - tic) / 1e9
+    finally:
+        os.close(fd)
+
+
+def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predictor=None) -> dict:
+    """Cold/warm materialization, read calls (file order vs co-activation order) and decode
+    tok/s of the memory and flash stores on the same selection, in this process."""
+    from .convert.layout import calibration_activations, coactivation_order
+    from .generate import prompt_tokens
+    from .loading import load
+    from .speed import _decode_tps
+
+    flash, tokenizer = load(folder or None, ffn_store="flash")
+    memory, _ = load(folder or None, ffn_store="memory")
+    store = flash._ifp_store()
+    tokens = prompt_tokens(tokenizer, PROMPT)
+    sel = memory.select(tokens, keep=keep, predictor=predictor)
+    cold, warm = [], []
+    for _ in range(rounds):
+        store.file.drop_cache()
+        cold.append(flash.apply_selection(_copy(sel)))
+        warm.append(flash.apply_selection(_copy(sel)))
+    mat_bytes = cold[0].bytes_read
+    out = {
+        "cold_is_cold": hasattr(os, "posix_fadvise"),  # else the OS keeps the file cached
+        "keep": sel.keep,
+        "units_read_mb": mat_bytes / 2**20,
+        "read_calls": cold[0].read_calls,
+        "cold_materialize_ms": float(np.median([s.materialize_ms for s in cold])),
+        "warm_materialize_ms": float(np.median([s.materialize_ms for s in warm])),
+        "sequential_read_gbps": float(np.median([_cold_read_gbps(store.file.path)
+                                                 for _ in range(rounds)])),  # fmt: skip
+    }
+    out["cold_read_gbps"] = mat_bytes / out["cold_materialize_ms"] / 1e6
+    out["warm_read_gbps"] = mat_bytes / out["warm_materialize_ms"] / 1e6
+    out["cold_of_sequential"] = out["cold_read_gbps"] / out["sequential_read_gbps"]
+    # The same kept units under a co-activation order of the file (what --permute-units
+    # writes): count the runs, i.e. the reads that order would need.
+    memory.dense()
+    acts = calibration_activations(memory, tokenizer.encode(CALIBRATION))
+    orders = [np.argsort(coactivation_order(a)) for a in acts]  # unit -> its new position
+    permuted = sum(len(runs(np.sort(o[idx]))) for o, idx in zip(orders, sel.indices))
+    out["read_calls_coactivation_order"] = permuted
+    # Decode speed, same compact model in both stores, interleaved rounds.
+    memory.apply_selection(_copy(sel))
+    tps = {"memory": [], "flash": []}
+    for _ in range(rounds):
+        tps["memory"].append(_decode_tps(memory, tokens, decode_tokens))
+        tps["flash"].append(_decode_tps(flash, tokens, decode_tokens))
+    out["decode_tps_memory"] = float(np.median(tps["memory"]))
+    out["decode_tps_flash"] = float(np.median(tps["flash"]))
+    out["decode_flash_vs_memory"] = out["decode_tps_flash"] / out["decode_tps_memory"]
+    return out
+
+
+def _copy(sel):
+    from .selection import Selection
+
+    return Selection(sel.indices, sel.units, sel.predictor)
+
+
+def memory_bench(
+    folder: Optional[str],
+    keep: float = 0.5,
+    max_tokens: int = 32,
+    decode_tokens: int = 32,
+    rounds: int = 3,
+    predictor: Optional[str] = None,
+) -> dict:
+    from .loading import _resolve, read_ifp_config
+    from .store import FileSpec
+
+    path = _resolve(folder) if folder else None
+    if path is None:
+        from .bundled import default_model
+
+        path = default_model()
+    ifp = read_ifp_config(path)["ifp"]
+    if not ifp.get("ffn_store"):
+        raise IFPError(f"{path} has no unit file (converted before format 2): reconvert it")
+    spec = FileSpec.from_dict(ifp["ffn_store"], path)
+    ffn_bytes = sum(layer.units * layer.record for layer in spec.layers)
+    f = str(path)
+    cases = [
+        ("dense", _subprocess_case(f, "memory", 1.0, max_tokens, predictor)),
+        ("memory", _subprocess_case(f, "memory", keep, max_tokens, predictor)),
+        ("flash", _subprocess_case(f, "flash", keep, max_tokens, predictor)),
+        ("flash-dense", _subprocess_case(f, "flash", 1.0, max_tokens, predictor)),
+    ]
+    out = {
+        "model": ifp.get("source") or path.name,
+        "quantization": ifp.get("quantization"),
+        "dtype": ifp.get("dtype"),
+        "keep": keep,
+        "ffn_mb": ffn_bytes / 2**20,
+        "prompt": PROMPT,
+        "cases": dict(cases),
+    }
+    c = out["cases"]
+    out["flash_saving_mb"] = c["dense"]["peak_rss_mb"] - c["flash"]["peak_rss_mb"]
+    out["target_saving_mb"] = 0.8 * (1 - keep) * out["ffn_mb"]
+    out["same_tokens_memory_flash"] = c["memory"]["tokens"] == c["flash"]["tokens"]
+    out["io"] = flash_io(f, keep, decode_tokens, rounds, predictor)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["cases"])
+    rss = [result["cases"][n]["peak_rss_mb"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, rss, color=["#888", "#4a7", "#37c", "#9bd"][: len(names)])
+    for i, v in enumerate(rss):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title(
+        f"{result['model']}: one-shot generation, keep {result['keep']} "
+        f"(FFN {result['ffn_mb']:.0f} MB)",
+        fontsize=9,
+    )
+    ax.set_ylim(min(rss) * 0.9, max(rss) * 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # one case per process: python -m ifp_mlx.memory FOLDER STORE KEEP N
+    folder, store, keep, n, pred = sys.argv[1:6]
+    res = run_case(folder, store, float(keep), int(n), pred or None)
+    print(json.dumps(res))

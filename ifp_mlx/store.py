@@ -1,0 +1,433 @@
+"""Where FFN units live: a unit-bundled file, and the memory and flash stores over it.
+
+File layout (``ifp.ffn_store`` in config.json declares it): a 4 KiB header page (magic + the
+id the config names, so a swapped file is caught), then one page-aligned block per FFN layer
+holding ``units`` fixed-size *records*. Record ``i`` bundles everything unit ``i`` owns — its
+gate row, up row and unit-major down row, with their quantization scales/biases and per-unit
+biases — so one kept unit is one contiguous read, and a run of adjacent kept units is one
+read ("row-column bundling", LLM in a flash, arXiv 2312.11514).
+
+- :class:`MemoryStore` keeps every unit resident (gathers are lazy ``mx.take``).
+- :class:`FlashStore` keeps none: selection reads exactly the kept units with positional
+  reads into fresh arrays, a dense pass streams one layer's units at a time.
+Both build layers from the same bytes, so the same selection gives bit-identical logits.
+"""
+
+import copy
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import IFPError
+from .model import find_ffns
+
+FILE = "ffn-units.bin"
+LAYOUT = "unit-bundled"
+MAGIC = b"IFPFFN01"
+PAGE = 4096
+PROJ = ("gate_proj", "up_proj", "down_proj")
+# Arrays with one row per unit; down_proj's bias is per output, so it stays with the model.
+UNIT_ARRAYS = {
+    "gate_proj": ("weight", "scales", "biases", "bias"),
+    "up_proj": ("weight", "scales", "biases", "bias"),
+    "down_proj": ("weight", "scales", "biases"),
+}
+DTYPES = ("float32", "float16", "bfloat16", "uint8", "uint16", "uint32", "int8", "int32")
+RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+Modules = Tuple[nn.Module, nn.Module, nn.Module]  # gate, up, down
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+@dataclass
+class Field:
+    name: str  # "gate_proj.weight", ...
+    dtype: str
+    shape: Tuple[int, ...]  # one unit's part
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * getattr(mx, self.dtype).size
+
+
+@dataclass
+class LayerSpec:
+    path: str  # the MLP's module path, e.g. "model.layers.0.mlp"
+    units: int
+    offset: int
+    fields: List[Field]
+    quantization: Dict[str, Optional[dict]]  # per projection: {bits, group_size, mode} | None
+
+    @property
+    def record(self) -> int:
+        return sum(f.nbytes for f in self.fields)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.units * self.record
+
+    def numpy_dtype(self) -> np.dtype:
+        """The record as a packed numpy struct of raw unsigned words (bfloat16 has no numpy
+        type; the bits are reinterpreted as the declared dtype on the MLX side)."""
+        return np.dtype(
+            [(f.name, RAW[getattr(mx, f.dtype).size], f.shape) for f in self.fields]
+        )
+
+
+@dataclass
+class FileSpec:
+    file: str
+    id: str
+    bytes: int
+    layers: List[LayerSpec]
+    layout: str = LAYOUT
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for layer, spec in zip(d["layers"], self.layers):  # a field is [name, dtype, shape]
+            layer["fields"] = [[f.name, f.dtype, list(f.shape)] for f in spec.fields]
+        return d
+
+    @classmethod
+    def from_dict(cls, d, folder: Path) -> "FileSpec":
+        """Parse the config's declaration; anything malformed is one IFPError."""
+        bad = IFPError(f"{folder}: garbled ifp.ffn_store in config.json (reconvert the model)")
+        try:
+            if d.get("layout") != LAYOUT:
+                raise IFPError(f"{folder}: unknown FFN file layout {d.get('layout')!r}")
+            layers = []
+            for entry in d["layers"]:
+                fields = [Field(str(n), str(t), tuple(int(s) for s in shape))
+                          for n, t, shape in entry["fields"]]  # fmt: skip
+                if any(f.dtype not in DTYPES for f in fields):
+                    raise bad
+                quant = {p: entry["quantization"].get(p) for p in PROJ}
+                spec = LayerSpec(str(entry["path"]), int(entry["units"]), int(entry["offset"]),
+                                 fields, quant)  # fmt: skip
+                if spec.units < 1 or spec.offset < PAGE or not fields:
+                    raise bad
+                layers.append(spec)
+            spec = cls(str(d["file"]), str(d["id"]), int(d["bytes"]), layers)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise bad
+        if Path(spec.file).name != spec.file or not layers or layers[-1].end != spec.bytes:
+            raise bad
+        return spec
+
+
+# ---------------------------------------------------------------- modules <-> unit arrays
+
+
+def unit_arrays(mods: Modules) -> List[Tuple[str, mx.array]]:
+    """(field name, array) of every per-unit array of one FFN layer, in record order."""
+    out = []
+    for proj, module in zip(PROJ, mods):
+        for name in UNIT_ARRAYS[proj]:
+            if isinstance(module.get(name), mx.array):
+                out.append((f"{proj}.{name}", module[name]))
+    return out
+
+
+def template(mods: Modules) -> Modules:
+    """Shallow copies without their per-unit arrays: what a layer is made from once its
+    units are read (module type, quantization settings, down_proj's bias)."""
+    out = []
+    for proj, module in zip(PROJ, mods):
+        t = copy.copy(module)
+        for name in UNIT_ARRAYS[proj]:
+            if name in t:
+                del t[name]
+        out.append(t)
+    return tuple(out)
+
+
+def build(tmpl: Modules, arrays: Dict[str, mx.array]) -> Modules:
+    """A layer from its template and the unit arrays read for it."""
+    out = []
+    for proj, t in zip(PROJ, tmpl):
+        m = copy.copy(t)
+        for name in UNIT_ARRAYS[proj]:
+            if f"{proj}.{name}" in arrays:
+                m[name] = arrays[f"{proj}.{name}"]
+        out.append(m)
+    return tuple(out)
+
+
+def quantization_of(module: nn.Module) -> Optional[dict]:
+    if "scales" not in module:
+        return None
+    return {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
+
+
+def layer_modules(mlp: nn.Module) -> Modules:
+    return (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+
+def install(mlp: nn.Module, mods: Sequence[nn.Module]) -> None:
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = mods
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_model_files(folder: Path, model: nn.Module) -> dict:
+    """Write a model folder's weights: the FFN units into the unit-bundled file, everything
+    else with mlx-lm's ``save_model`` (so the FFN bytes exist once on disk). Returns the
+    ``ifp.ffn_store`` declaration."""
+    from mlx_lm.utils import save_model
+
+    folder = Path(folder)
+    ffns = find_ffns(model)
+    layers, offset = [], PAGE
+    file_id = uuid.uuid4().hex
+    with open(folder / FILE, "wb") as f:
+        f.write(MAGIC + bytes.fromhex(file_id))
+        for path, mlp in ffns:
+            mods = layer_modules(mlp)
+            arrays = unit_arrays(mods)
+            fields = [Field(n, _dtype_name(a.dtype), tuple(a.shape[1:])) for n, a in arrays]
+            quant = {p: quantization_of(m) for p, m in zip(PROJ, mods)}
+            spec = LayerSpec(path, arrays[0][1].shape[0], offset, fields, quant)
+            records = np.empty(spec.units, spec.numpy_dtype())
+            for (name, a), fld in zip(arrays, fields):
+                raw = a.view(getattr(mx, f"uint{8 * a.dtype.size}")) if a.dtype.size > 1 else a
+                records[name] = np.asarray(raw)
+            f.seek(offset)
+            f.write(records.tobytes())
+            layers.append(spec)
+            offset = -(-spec.end // PAGE) * PAGE
+        size = layers[-1].end
+        f.truncate(size)
+    spec = FileSpec(FILE, file_id, size, layers)
+    originals = [layer_modules(m) for _, m in ffns]
+    try:
+        for (_, mlp), mods in zip(ffns, originals):
+            install(mlp, template(mods))
+        save_model(folder, model)
+    finally:
+        for (_, mlp), mods in zip(ffns, originals):
+            install(mlp, mods)
+    return spec.to_dict()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def runs(idx: np.ndarray) -> List[Tuple[int, int]]:
+    """Sorted unit indices → (first unit, count) of each run of adjacent units: one read each."""
+    idx = np.asarray(idx, np.int64)
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(idx)]])
+    return [(int(idx[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class UnitFile:
+    """The open unit-bundled file: validated once at load, read with positional reads."""
+
+    def __init__(self, folder: Path, spec: FileSpec):
+        self.spec = spec
+        self.path = Path(folder) / spec.file
+        hint = "reconvert the model (ifp-convert SOURCE OUT)"
+        if not self.path.is_file():
+            raise IFPError(f"{folder}: the FFN unit file {spec.file} is missing; {hint}")
+        self.fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        if size != spec.bytes:
+            what = "truncated" if size < spec.bytes else "longer than declared"
+            self.close()
+            raise IFPError(
+                f"{self.path}: {what} ({size} bytes, config.json says {spec.bytes}); {hint}"
+            )
+        head = os.pread(self.fd, len(MAGIC) + 16, 0)
+        if head[: len(MAGIC)] != MAGIC or head[len(MAGIC) :].hex() != spec.id:
+            self.close()
+            raise IFPError(
+                f"{self.path}: not the FFN file this config.json was written with "
+                f"(id differs); {hint}"
+            )
+        self.bytes_read = 0
+        self.read_calls = 0
+
+    def close(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.close()
+
+    def check(self) -> None:
+        """The file must still be the one loaded: a size change means it was rewritten."""
+        size = os.fstat(self.fd).st_size
+        if size != self.spec.bytes:
+            raise IFPError(
+                f"{self.path} changed size since the model was loaded ({self.spec.bytes} → "
+                f"{size} bytes); load the model again"
+            )
+
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            self.read_calls += 1
+            if n <= 0:
+                raise IFPError(
+                    f"{self.path}: short read at byte {offset + done} (the file changed "
+                    "since the model was loaded); load the model again"
+                )
+            done += n
+        self.bytes_read += done
+
+    def read(self, layer: int, idx: Optional[np.ndarray] = None) -> Dict[str, mx.array]:
+        """The unit arrays of ``layer`` for the sorted units ``idx`` (None: every unit)."""
+        spec = self.spec.layers[layer]
+        rec = spec.record
+        pieces = [(0, spec.units)] if idx is None else runs(idx)
+        count = sum(n for _, n in pieces)
+        buf = np.empty(count * rec, np.uint8)
+        view, pos = memoryview(buf), 0
+        for start, n in pieces:
+            self._read_into(view[pos : pos + n * rec], spec.offset + start * rec)
+            pos += n * rec
+        records = buf.view(spec.numpy_dtype())
+        out = {}
+        for f in spec.fields:
+            a = mx.array(records[f.name])
+            dtype = getattr(mx, f.dtype)
+            out[f.name] = a if a.dtype == dtype else a.view(dtype)
+        return out
+
+    def drop_cache(self) -> None:
+        """Evict the file from the OS page cache (for cold-read benchmarks; Linux only)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+# ---------------------------------------------------------------- stores
+
+
+def _take(module: nn.Module, proj: str, idx: mx.array) -> nn.Module:
+    new = copy.copy(module)
+    for name in UNIT_ARRAYS[proj]:
+        if isinstance(module.get(name), mx.array):
+            new[name] = mx.take(module[name], idx, axis=0)
+    return new
+
+
+def gather_resident(mods: Modules, idx: np.ndarray) -> Modules:
+    """The kept rows of resident modules (lazy; evaluated with the rest of a selection)."""
+    ids = mx.array(np.asarray(idx, np.int32))
+    return tuple(_take(m, p, ids) for p, m in zip(PROJ, mods))
+
+
+class MemoryStore:
+    """Every unit resident: the full layers are the model's own modules."""
+
+    name = "memory"
+
+    def __init__(self, layers: List[Modules]):
+        self.layers = layers
+        self.units = [d.weight.shape[0] for _, _, d in layers]  # unit-major down_proj
+
+    bytes_read = read_calls = 0
+
+    def check(self) -> None:
+        pass
+
+    def full(self, layer: int) -> Modules:
+        return self.layers[layer]
+
+    def gather(self, layer: int, idx: np.ndarray) -> Modules:
+        if len(idx) == self.units[layer]:
+            return self.layers[layer]
+        return gather_resident(self.layers[layer], idx)
+
+    scoring = resident_layer = full
+
+
+class FlashStore:
+    """No unit resident (except ``resident`` layers, e.g. a learned predictor's encoder):
+    a selection reads exactly its kept units from the file."""
+
+    name = "flash"
+
+    def __init__(self, file: UnitFile, templates: List[Modules], resident: Sequence[int] = ()):
+        self.file = file
+        self.templates = templates
+        self.units = [layer.units for layer in file.spec.layers]
+        self.resident = {l: self._read(l, None) for l in resident}
+
+    @property
+    def bytes_read(self) -> int:
+        return self.file.bytes_read
+
+    @property
+    def read_calls(self) -> int:
+        return self.file.read_calls
+
+    def check(self) -> None:
+        self.file.check()
+
+    def _read(self, layer: int, idx: Optional[np.ndarray]) -> Modules:
+        return build(self.templates[layer], self.file.read(layer, idx))
+
+    def full(self, layer: int) -> Modules:
+        return self.resident.get(layer) or self._read(layer, None)
+
+    def resident_layer(self, layer: int) -> Optional[Modules]:
+        return self.resident.get(layer)
+
+    def gather(self, layer: int, idx: np.ndarray) -> Modules:
+        whole = len(idx) == self.units[layer]
+        if layer in self.resident:
+            return self.resident[layer] if whole else gather_resident(self.resident[layer], idx)
+        return self._read(layer, None if whole else idx)
+
+    def scoring(self, layer: int) -> Modules:
+        """What a dense scoring pass runs: resident layers as they are, the rest streamed."""
+        if layer in self.resident:
+            return self.resident[layer]
+        streamed = _StreamedLayer(self, layer)
+        return tuple(StreamedProj(streamed, i) for i in range(3))
+
+
+class _StreamedLayer:
+    """One layer's full units, read when its gate projection runs and dropped after its down
+    projection is evaluated: a dense pass over a flash store peaks at one layer's FFN."""
+
+    def __init__(self, store: FlashStore, layer: int):
+        self.store, self.layer, self.mods = store, layer, None
+
+    def get(self) -> Modules:
+        if self.mods is None:
+            self.mods = self.store._read(self.layer, None)
+        return self.mods
+
+
+class StreamedProj(nn.Module):
+    """A gate/up/down projection whose weights are read from the flash store per call."""
+
+    ifp_streamed = True  # counts as a sliceable FFN projection (see model.is_ffn)
+
+    def __init__(self, layer: _StreamedLayer, which: int):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a child module: no parameters
+        self.which = which
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._layer.get()[self.which](x)
+        if self.which == 2:  # down_proj ends the MLP: compute it, then let the units go
+            mx.eval(y)
+            self._layer.mods = None
+        return y
