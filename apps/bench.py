@@ -143,15 +143,19 @@ def run_memory(args) -> None:
         f"(target 0.8 x (1 - keep) x FFN = {r['target_saving_mb']:.1f} MB: {ok}); "
         f"same tokens memory/flash: {r['same_tokens_memory_flash']}"
     )
+    print(f"materialize (sequential read of the unit file: {io['sequential_read_gbps']:.2f} GB/s)")
+    for mode in ("exact", "merged"):
+        x = io[mode]
+        print(
+            f"{mode:>8}: {x['read_calls']:6d} reads, kept {x['kept_mb']:.1f} MB + gaps "
+            f"{x['gap_mb']:.1f} MB | cold {x['cold_ms']:.1f} ms = {x['cold_gbps']:.2f} GB/s of "
+            f"kept units ({100 * x['cold_of_sequential']:.0f}% of sequential; with gaps "
+            f"{100 * x['cold_transfer_of_sequential']:.0f}%) | warm {x['warm_ms']:.1f} ms"
+        )
     print(
-        f"materialize: cold {io['cold_materialize_ms']:.1f} ms ({io['cold_read_gbps']:.2f} GB/s, "
-        f"{100 * io['cold_of_sequential']:.0f}% of a sequential read at "
-        f"{io['sequential_read_gbps']:.2f} GB/s), warm {io['warm_materialize_ms']:.1f} ms "
-        f"({io['warm_read_gbps']:.2f} GB/s)"
-    )
-    print(
-        f"reads per select: {io['read_calls']} in file order, "
-        f"{io['read_calls_coactivation_order']} in co-activation order (--permute-units)"
+        f"runs of kept units: {io['runs_file_order']} in file order, "
+        f"{io['runs_coactivation_order']} in co-activation order (--permute-units); "
+        f"merged reads {io['reads_file_order']} vs {io['reads_coactivation_order']}"
     )
     print(
         f"decode, same compact model: memory {io['decode_tps_memory']:.1f} tok/s, flash "

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import IFPError
-from .store import runs
+from .store import MAX_GAP_BYTES, read_spans, runs
 
 PROMPT = "What is the capital of France? Answer in one sentence."
 CALIBRATION = (  # orders units by co-activation for the read-call comparison; not a bench prompt
@@ -99,32 +99,50 @@ def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predicto
     store = flash._ifp_store()
     tokens = prompt_tokens(tokenizer, PROMPT)
     sel = memory.select(tokens, keep=keep, predictor=predictor)
-    cold, warm = [], []
-    for _ in range(rounds):
-        store.file.drop_cache()
-        cold.append(flash.apply_selection(_copy(sel)))
-        warm.append(flash.apply_selection(_copy(sel)))
-    mat_bytes = cold[0].bytes_read
     out = {
         "cold_is_cold": hasattr(os, "posix_fadvise"),  # else the OS keeps the file cached
         "keep": sel.keep,
-        "units_read_mb": mat_bytes / 2**20,
-        "read_calls": cold[0].read_calls,
-        "cold_materialize_ms": float(np.median([s.materialize_ms for s in cold])),
-        "warm_materialize_ms": float(np.median([s.materialize_ms for s in warm])),
         "sequential_read_gbps": float(np.median([_cold_read_gbps(store.file.path)
                                                  for _ in range(rounds)])),  # fmt: skip
     }
-    out["cold_read_gbps"] = mat_bytes / out["cold_materialize_ms"] / 1e6
-    out["warm_read_gbps"] = mat_bytes / out["warm_materialize_ms"] / 1e6
-    out["cold_of_sequential"] = out["cold_read_gbps"] / out["sequential_read_gbps"]
+    # "merged": runs closer than MAX_GAP_BYTES share a read (the default); "exact": one read
+    # per run of kept units, no byte of a dropped unit read.
+    for mode, gap in (("exact", 0), ("merged", MAX_GAP_BYTES)):
+        store.file.max_gap_bytes = gap
+        cold, warm = [], []
+        for _ in range(rounds):
+            store.file.drop_cache()
+            cold.append(flash.apply_selection(_copy(sel)))
+            warm.append(flash.apply_selection(_copy(sel)))
+        gap_before = store.file.gap_bytes
+        flash.apply_selection(_copy(sel))
+        kept = cold[0].bytes_read
+        row = {
+            "kept_mb": kept / 2**20,
+            "gap_mb": (store.file.gap_bytes - gap_before) / 2**20,
+            "read_calls": cold[0].read_calls,
+            "cold_ms": float(np.median([x.materialize_ms for x in cold])),
+            "warm_ms": float(np.median([x.materialize_ms for x in warm])),
+        }
+        row["cold_gbps"] = kept / row["cold_ms"] / 1e6  # kept bytes per second
+        row["cold_of_sequential"] = row["cold_gbps"] / out["sequential_read_gbps"]
+        row["cold_transfer_of_sequential"] = (  # kept + gap bytes the reads moved
+            row["cold_of_sequential"] * (row["kept_mb"] + row["gap_mb"]) / row["kept_mb"]
+        )
+        row["warm_gbps"] = kept / row["warm_ms"] / 1e6
+        out[mode] = row
     # The same kept units under a co-activation order of the file (what --permute-units
-    # writes): count the runs, i.e. the reads that order would need.
+    # writes): how many reads that order would need.
     memory.dense()
     acts = calibration_activations(memory, tokenizer.encode(CALIBRATION))
     orders = [np.argsort(coactivation_order(a)) for a in acts]  # unit -> its new position
-    permuted = sum(len(runs(np.sort(o[idx]))) for o, idx in zip(orders, sel.indices))
-    out["read_calls_coactivation_order"] = permuted
+    records = [layer.record for layer in store.file.spec.layers]
+    for name, order in (("file", None), ("coactivation", orders)):
+        ids = [i if order is None else np.sort(order[l][i]) for l, i in enumerate(sel.indices)]
+        out[f"runs_{name}_order"] = sum(len(runs(i)) for i in ids)
+        out[f"reads_{name}_order"] = sum(
+            len(read_spans(i, MAX_GAP_BYTES // r)) for i, r in zip(ids, records)
+        )
     # Decode speed, same compact model in both stores, interleaved rounds.
     memory.apply_selection(_copy(sel))
     tps = {"memory": [], "flash": []}

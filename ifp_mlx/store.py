@@ -221,15 +221,32 @@ def write_model_files(folder: Path, model: nn.Module) -> dict:
 # ---------------------------------------------------------------- reading
 
 
-def runs(idx: np.ndarray) -> List[Tuple[int, int]]:
-    """Sorted unit indices → (first unit, count) of each run of adjacent units: one read each."""
+def runs(idx: np.ndarray) -> np.ndarray:
+    """Sorted unit indices → (first unit, count) rows, one per run of adjacent units."""
     idx = np.asarray(idx, np.int64)
     if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(idx)]])
-    return [(int(idx[s]), int(e - s)) for s, e in zip(starts, ends)]
+        return np.zeros((0, 2), np.int64)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(idx) != 1) + 1])
+    counts = np.diff(np.concatenate([starts, [len(idx)]]))
+    return np.stack([idx[starts], counts], axis=1)
+
+
+def read_spans(idx: np.ndarray, max_gap: int) -> np.ndarray:
+    """(first unit, units spanned, kept units) of each positional read: runs of kept units
+    merge into one read while the gap between them is at most ``max_gap`` units."""
+    r = runs(idx)
+    if len(r) == 0:
+        return np.zeros((0, 3), np.int64)
+    gaps = r[1:, 0] - (r[:-1, 0] + r[:-1, 1])
+    first = np.concatenate([[0], np.flatnonzero(gaps > max_gap) + 1])
+    last = np.concatenate([first[1:], [len(r)]]) - 1
+    start = r[first, 0]
+    span = r[last, 0] + r[last, 1] - start
+    kept = np.add.reduceat(r[:, 1], first)
+    return np.stack([start, span, kept], axis=1)
+
+
+MAX_GAP_BYTES = 16 << 10  # skipping a smaller gap costs more (a syscall) than reading it
 
 
 class UnitFile:
@@ -256,8 +273,10 @@ class UnitFile:
                 f"{self.path}: not the FFN file this config.json was written with "
                 f"(id differs); {hint}"
             )
-        self.bytes_read = 0
+        self.bytes_read = 0  # kept units' bytes
         self.read_calls = 0
+        self.gap_bytes = 0  # bytes of small gaps read into scratch (see read)
+        self.max_gap_bytes = MAX_GAP_BYTES
 
     def close(self) -> None:
         if getattr(self, "fd", None) is not None:
@@ -290,20 +309,33 @@ class UnitFile:
         self.bytes_read += done
 
     def read(self, layer: int, idx: Optional[np.ndarray] = None) -> Dict[str, mx.array]:
-        """The unit arrays of ``layer`` for the sorted units ``idx`` (None: every unit)."""
+        """The unit arrays of ``layer`` for the sorted units ``idx`` (None: every unit).
+
+        One positional read per run of kept units, straight into a fresh buffer. Runs closer
+        than ``max_gap_bytes`` share a read into a scratch span (at most one layer, dropped
+        at once) from which the kept units are gathered: the OS reads whole pages anyway, and
+        a syscall per tiny run would cost more than the gap.
+        """
         spec = self.spec.layers[layer]
         rec = spec.record
-        pieces = [(0, spec.units)] if idx is None else runs(idx)
-        count = sum(n for _, n in pieces)
-        buf = np.empty(count * rec, np.uint8)
-        view, pos = memoryview(buf), 0
-        for start, n in pieces:
-            self._read_into(view[pos : pos + n * rec], spec.offset + start * rec)
-            pos += n * rec
-        records = buf.view(spec.numpy_dtype())
+        idx = np.arange(spec.units) if idx is None else np.asarray(idx, np.int64)
+        buf = np.empty((len(idx), rec), np.uint8)
+        pos = 0
+        for start, span, kept in read_spans(idx, self.max_gap_bytes // rec).tolist():
+            offset = spec.offset + start * rec
+            if span == kept:
+                self._read_into(memoryview(buf[pos : pos + kept]).cast("B"), offset)
+            else:
+                scratch = np.empty((span, rec), np.uint8)
+                self._read_into(memoryview(scratch).cast("B"), offset)
+                np.take(scratch, idx[pos : pos + kept] - start, axis=0, out=buf[pos : pos + kept])
+                self.gap_bytes += (span - kept) * rec
+                self.bytes_read -= (span - kept) * rec
+            pos += kept
+        records = buf.reshape(-1).view(spec.numpy_dtype())
         out = {}
-        for f in spec.fields:
-            a = mx.array(records[f.name])
+        for f in spec.fields:  # a strided view would make MLX copy the whole record span
+            a = mx.array(np.ascontiguousarray(records[f.name]))
             dtype = getattr(mx, f.dtype)
             out[f.name] = a if a.dtype == dtype else a.view(dtype)
         return out
