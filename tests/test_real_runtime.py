@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 import ifp_mlx
 from ifp_mlx.model import tap_ffns
@@ -77,3 +78,32 @@ def test_real_sliced_equals_masked_dense(smol_q4):
     with tap_ffns(model, record=False, masks=masks):
         masked = model(mx.array(ids)[None])
     assert mx.abs(sliced - masked).max().item() <= 1e-3
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("kind", ["f32", "q4"])
+def test_real_flash_store_is_bit_identical(kind, smol_f32, smol_q4):
+    """The real SmolLM2 (fp32 and the bundled 4-bit): with the same selection the flash store
+    gives the memory store's logits bit for bit, and one-shot answers are the same tokens."""
+    from ifp_mlx.store import read_spans
+
+    folder = smol_f32 if kind == "f32" else smol_q4
+    memory, tok = ifp_mlx.load(folder)
+    flash, _ = ifp_mlx.load(folder, ffn_store="flash")
+    ids = tok.encode("Plants need sunlight, water and air to grow.")
+    sel = memory.select(ids, keep=0.5)
+    got = flash.select(ids, keep=0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(sel.indices, got.indices))
+    assert mx.array_equal(memory(mx.array(ids)[None]), flash(mx.array(ids)[None])).item()
+    store = flash._ifp_store()  # a learned predictor's encoder layers stay resident
+    assert set(store.resident) == (set(range(2)) if kind == "q4" else set())
+    read = [(i, l) for n, (i, l) in enumerate(zip(got.indices, store.file.spec.layers))
+            if n not in store.resident]  # fmt: skip
+    assert got.bytes_read == sum(len(i) * l.record for i, l in read)  # the kept units, once
+    spans = [read_spans(i, store.file.max_gap_bytes // l.record) for i, l in read]
+    assert got.read_calls == sum(len(s) for s in spans) < sum(len(i) for i, _ in read) / 2
+    answers = [
+        [r.token for r in ifp_mlx.stream_generate(m, tok, PROMPT, keep=0.5, max_tokens=8)]
+        for m in (memory, flash)
+    ]
+    assert answers[0] == answers[1]
