@@ -190,7 +190,7 @@ def memory_bench(
         ("flash-dense", _subprocess_case(f, "flash", 1.0, max_tokens, predictor)),
     ]
     out = {
-        "model": ifp.get("source") or path.name,
+        "model": f"{path.name} (from {ifp.get('source')})",
         "quantization": ifp.get("quantization"),
         "dtype": ifp.get("dtype"),
         "keep": keep,

@@ -70,3 +70,17 @@ def test_bench_bad_keep(tiny_q4):
         text=True,
     )
     assert res.returncode != 0 and "keep must be in (0, 1]" in res.stderr
+
+
+def test_memory_bench_runs(tiny_q4, tmp_path):
+    out = run_bench("memory", "--model", tiny_q4, "--max-tokens", "3", "--decode-tokens", "3",
+                    "--rounds", "1", "--json", tmp_path / "m.json")  # fmt: skip
+    r = json.loads((tmp_path / "m.json").read_text())
+    assert set(r["cases"]) == {"dense", "memory", "flash", "flash-dense"}
+    assert r["same_tokens_memory_flash"] and "flash saves" in out
+    assert r["cases"]["memory"]["read_mb"] == 0 < r["cases"]["flash"]["read_mb"]
+    assert r["cases"]["flash-dense"]["read_mb"] == pytest.approx(r["ffn_mb"])
+    io = r["io"]
+    assert io["exact"]["gap_mb"] == 0 and io["exact"]["kept_mb"] == io["merged"]["kept_mb"]
+    assert io["merged"]["read_calls"] <= io["exact"]["read_calls"] == io["runs_file_order"]
+    assert (tmp_path / "m.png").is_file() and str(tmp_path) not in json.dumps(r)

@@ -174,3 +174,19 @@ def test_failed_turn_leaves_conversation_unchanged(tiny_folder):
     assert conv.messages == before
     answer(conv, "w7")  # still usable
     assert len(conv.messages) == 4
+
+
+def test_cli_flash_store_stats_line(tiny_folder):
+    """--ffn-store flash: the chat banner names the store, every stats line says what was read."""
+    script = "w4 w5 w6\n/dense\nw9\n/quit\n"
+    args = ["--model", str(tiny_folder), "--max-tokens", "3", "--ffn-store", "flash"]
+    res = run(["ifp_mlx.apps.chat", *args], script)
+    assert res.returncode == 0, res.stderr
+    assert "FFN store flash" in res.stdout
+    lines = [line for line in res.stdout.splitlines() if "[kept " in line]
+    assert len(lines) == 2 and all("store flash, read" in line for line in lines)
+    res = run(["ifp_mlx.apps.generate", *args, "--prompt", "w5 w6", "--keep", "0.5"])
+    assert res.returncode == 0, res.stderr
+    assert "store flash, read" in res.stderr and "[kept 50% (activation)" in res.stderr
+    res = run(["ifp_mlx.apps.generate", *args[:2], "--prompt", "w5", "--ffn-store", "ssd"])
+    assert res.returncode != 0 and "invalid choice: 'ssd'" in res.stderr
