@@ -112,6 +112,8 @@ def speed(
                 )
                 / dense_ttft,
                 "materialize_bytes": sel.bytes,
+                "bytes_read": sel.bytes_read,  # flash store: from the unit file
+                "read_calls": sel.read_calls,
                 "materialize_gbps": sel.materialize_gbps,
                 "copy_gbps": copy_gbps(model, sel),
             }
@@ -124,6 +126,7 @@ def speed(
         "dense_decode_tps": dense_tps,
         "dense_ttft_ms": dense_ttft,
         "device": str(mx.default_device()),
+        "ffn_store": model.ffn_store,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "rows": rows,
     }

@@ -77,9 +77,7 @@ class LayerSpec:
     def numpy_dtype(self) -> np.dtype:
         """The record as a packed numpy struct of raw unsigned words (bfloat16 has no numpy
         type; the bits are reinterpreted as the declared dtype on the MLX side)."""
-        return np.dtype(
-            [(f.name, RAW[getattr(mx, f.dtype).size], f.shape) for f in self.fields]
-        )
+        return np.dtype([(f.name, RAW[getattr(mx, f.dtype).size], f.shape) for f in self.fields])
 
 
 @dataclass
@@ -306,10 +304,13 @@ class UnitFile:
                     "since the model was loaded); load the model again"
                 )
             done += n
-        self.bytes_read += done
 
     def read(self, layer: int, idx: Optional[np.ndarray] = None) -> Dict[str, mx.array]:
-        """The unit arrays of ``layer`` for the sorted units ``idx`` (None: every unit).
+        """The unit arrays of ``layer`` for the sorted units ``idx`` (None: every unit)."""
+        return self.split(layer, self.read_records(layer, idx))
+
+    def read_records(self, layer: int, idx: Optional[np.ndarray] = None) -> np.ndarray:
+        """The kept units' records, (units, record bytes).
 
         One positional read per run of kept units, straight into a fresh buffer. Runs closer
         than ``max_gap_bytes`` share a read into a scratch span (at most one layer, dropped
@@ -329,9 +330,14 @@ class UnitFile:
                 scratch = np.empty((span, rec), np.uint8)
                 self._read_into(memoryview(scratch).cast("B"), offset)
                 np.take(scratch, idx[pos : pos + kept] - start, axis=0, out=buf[pos : pos + kept])
-                self.gap_bytes += (span - kept) * rec
-                self.bytes_read -= (span - kept) * rec
+            self.bytes_read += kept * rec
+            self.gap_bytes += (span - kept) * rec
             pos += kept
+        return buf
+
+    def split(self, layer: int, buf: np.ndarray) -> Dict[str, mx.array]:
+        """Records → one fresh MLX array per field (gate rows, up rows, down rows, scales...)."""
+        spec = self.spec.layers[layer]
         records = buf.reshape(-1).view(spec.numpy_dtype())
         out = {}
         for f in spec.fields:  # a strided view would make MLX copy the whole record span

@@ -147,7 +147,9 @@ def test_stats_line_and_per_turn_reads(folder):
     model, tok = ifp_mlx.load(folder, ffn_store="flash")
     last = list(ifp_mlx.stream_generate(model, tok, "w7 w8 w9", keep=0.5, max_tokens=3))[-1]
     assert last.ifp.store == "flash" and last.ifp.read_bytes > 0
-    assert "store flash, read" in last.ifp.line() and f"{last.ifp.read_calls} reads" in last.ifp.line()
+    assert (
+        "store flash, read" in last.ifp.line() and f"{last.ifp.read_calls} reads" in last.ifp.line()
+    )
     dense = list(ifp_mlx.stream_generate(model, tok, "w7 w8", keep=1.0, max_tokens=2))[-1]
     assert "every unit: dense" in dense.ifp.line()
     again = list(ifp_mlx.stream_generate(model, tok, "w7 w8", keep=1.0, max_tokens=2))[-1]
