@@ -63,6 +63,11 @@ def main(argv=None) -> None:
         write_json(args.json, r)
 
 
+def model_name(folder) -> str:
+    """The model as outputs name it: its folder's name, never a path of this machine."""
+    return Path(folder).resolve().name if folder else "bundled SmolLM2-135M-Instruct 4-bit"
+
+
 def write_json(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
@@ -78,7 +83,7 @@ def run_speed(args) -> None:
         check_keep(k)
     model, tokenizer = load(args.model, ffn_store=args.ffn_store)
     r = speed(model, tokenizer, args.keep, args.prompt_tokens, args.decode_tokens, args.predictor)
-    r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
+    r["model"] = model_name(args.model)
     print(
         f"model {r['model']} | {r['device']} | FFN share of weight bytes f = {r['ffn_byte_share']:.3f}"
     )
@@ -108,7 +113,7 @@ def run_policy(args) -> None:
     check_keep(args.keep)
     model, tokenizer = load(args.model, ffn_store=args.ffn_store)
     r = policies(model, tokenizer, args.keep, args.answer_tokens)
-    r["model"] = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
+    r["model"] = model_name(args.model)
     print(f"{r['model']}: keep {args.keep}, {r['conversations']} two-turn conversations")
     print(f"{'policy':>10} {'KL turn 2':>10} {'top-1 agree':>12} {'TTFT turn 2':>12}")
     for policy in ("first-turn", "per-turn"):

@@ -30,7 +30,7 @@ def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
     elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
         messages = list(prompt)
     elif isinstance(prompt, (list, tuple)) and prompt:
-        return [int(t) for t in prompt]
+        return list(prompt)  # token ids: the model checks them (check_tokens)
     else:
         raise IFPError("empty prompt")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -105,7 +105,7 @@ def stream_generate(
     """
     from .selection import budget_units
 
-    tokens = prompt_tokens(tokenizer, prompt)
+    tokens = model.check_tokens(prompt_tokens(tokenizer, prompt))
     if max_tokens == 0:
         raise IFPError("max_tokens must be non-zero")
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)

@@ -222,8 +222,8 @@ def plot(result: dict, path: Path) -> None:
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("peak RSS (MB)")
     ax.set_title(
-        f"{result['model']}: one-shot generation, keep {result['keep']} "
-        f"(FFN {result['ffn_mb']:.0f} MB)",
+        f"{result['model']}\none-shot generation at keep {result['keep']}, "
+        f"FFN {result['ffn_mb']:.0f} MB",
         fontsize=9,
     )
     ax.set_ylim(min(rss) * 0.9, max(rss) * 1.05)

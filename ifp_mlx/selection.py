@@ -1,9 +1,10 @@
 """Budgets → k per layer, top-k selection, and one-time materialization of the kept units.
 
-Materialization gathers the kept rows of gate/up/down (weights, quantization scales and
-biases) into new compact arrays with a single ``mx.eval`` and swaps them into the MLPs by
-attribute assignment. The full FFN modules are kept aside, so the next prompt can select again
-and ``dense()`` restores the original model exactly.
+Materialization takes the kept rows of gate/up/down (weights, quantization scales and biases)
+from the model's FFN store — gathered from resident units (memory store) or read from the unit
+file (flash store) — into new compact arrays with a single ``mx.eval`` and swaps them into the
+MLPs by attribute assignment, so the next prompt can select again and ``dense()`` restores the
+original model exactly.
 """
 
 import math
@@ -162,6 +163,27 @@ class IFPMixin:
         return store.bytes_read, store.read_calls
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table: the valid token ids are 0 .. vocab_size - 1."""
+        import mlx.nn as nn
+
+        size = getattr(getattr(self, "args", None), "vocab_size", None)
+        if isinstance(size, int):
+            return size
+        emb = next(m for _, m in self.named_modules() if isinstance(m, nn.Embedding))
+        return emb.weight.shape[0]
+
+    def check_tokens(self, tokens: Sequence[int]) -> List[int]:
+        """Token ids as ints, or an IFPError: an id outside the embedding table would read out
+        of bounds (garbage, or a crash of the whole process)."""
+        out, n = [], self.vocab_size
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n:
+                raise IFPError(f"token id {t!r} is not in this model's vocabulary (0..{n - 1})")
+            out.append(int(t))
+        return out
+
+    @property
     def ffn_units(self) -> List[int]:
         return list(self._ifp_store().units)
 
@@ -237,7 +259,7 @@ class IFPMixin:
         """
         from .predictors import get_predictor
 
-        tokens = list(prompt_tokens)
+        tokens = self.check_tokens(prompt_tokens)
         if not tokens:
             raise IFPError("empty prompt")
         keep = self.default_keep if keep is None else keep

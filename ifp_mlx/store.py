@@ -245,6 +245,19 @@ def read_spans(idx: np.ndarray, max_gap: int) -> np.ndarray:
 
 
 MAX_GAP_BYTES = 16 << 10  # skipping a smaller gap costs more (a syscall) than reading it
+READ_THREADS = 8  # parallel positional reads for layers of at least 2 x READ_PER_THREAD
+READ_PER_THREAD = 4 << 20
+READ_CHUNK = 1 << 20
+_POOL = []
+
+
+def _pool():
+    """The reader threads, made on first use and shared by every open unit file."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ifp-read"))
+    return _POOL[0]
 
 
 class UnitFile:
@@ -293,17 +306,22 @@ class UnitFile:
                 f"{size} bytes); load the model again"
             )
 
-    def _read_into(self, view: memoryview, offset: int) -> None:
-        done = 0
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``; returns the number of read calls it took."""
+        done = calls = 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
-            self.read_calls += 1
+            calls += 1
             if n <= 0:
                 raise IFPError(
                     f"{self.path}: short read at byte {offset + done} (the file changed "
                     "since the model was loaded); load the model again"
                 )
             done += n
+        return calls
+
+    def _read_batch(self, jobs: List[Tuple[memoryview, int]]) -> int:
+        return sum(self._read_into(view, offset) for view, offset in jobs)
 
     def read(self, layer: int, idx: Optional[np.ndarray] = None) -> Dict[str, mx.array]:
         """The unit arrays of ``layer`` for the sorted units ``idx`` (None: every unit)."""
@@ -315,24 +333,40 @@ class UnitFile:
         One positional read per run of kept units, straight into a fresh buffer. Runs closer
         than ``max_gap_bytes`` share a read into a scratch span (at most one layer, dropped
         at once) from which the kept units are gathered: the OS reads whole pages anyway, and
-        a syscall per tiny run would cost more than the gap.
+        a syscall per tiny run would cost more than the gap. A layer of many MB is cut into
+        ``READ_CHUNK`` pieces shared by up to ``READ_THREADS`` threads (``preadv`` releases
+        the GIL): an SSD serves parallel reads faster than one stream (measured: Qwen 0.5B fp32
+        cold select 1.9 s → 1.0 s here); for small layers threads only add overhead.
         """
         spec = self.spec.layers[layer]
         rec = spec.record
         idx = np.arange(spec.units) if idx is None else np.asarray(idx, np.int64)
+        spans = read_spans(idx, self.max_gap_bytes // rec)
         buf = np.empty((len(idx), rec), np.uint8)
-        pos = 0
-        for start, span, kept in read_spans(idx, self.max_gap_bytes // rec).tolist():
-            offset = spec.offset + start * rec
+        merged = spans[spans[:, 1] != spans[:, 2]]
+        scratch = np.empty((int(merged[:, 1].sum()), rec), np.uint8)
+        jobs, gathers, pos, at = [], [], 0, 0
+        for start, span, kept in spans.tolist():
             if span == kept:
-                self._read_into(memoryview(buf[pos : pos + kept]).cast("B"), offset)
+                dest = buf[pos : pos + kept]
             else:
-                scratch = np.empty((span, rec), np.uint8)
-                self._read_into(memoryview(scratch).cast("B"), offset)
-                np.take(scratch, idx[pos : pos + kept] - start, axis=0, out=buf[pos : pos + kept])
-            self.bytes_read += kept * rec
-            self.gap_bytes += (span - kept) * rec
+                dest = scratch[at : at + span]
+                gathers.append((dest, idx[pos : pos + kept] - start, buf[pos : pos + kept]))
+                at += span
+            jobs.append((memoryview(dest).cast("B"), spec.offset + start * rec))
             pos += kept
+        threads = min(READ_THREADS, sum(len(v) for v, _ in jobs) // READ_PER_THREAD)
+        if threads > 1:  # long reads cut into chunks that the reader threads share
+            jobs = [(v[c : c + READ_CHUNK], o + c) for v, o in jobs
+                    for c in range(0, len(v), READ_CHUNK)]  # fmt: skip
+            batches = [jobs[i::threads] for i in range(threads)]
+            self.read_calls += sum(_pool().map(self._read_batch, batches))
+        else:
+            self.read_calls += self._read_batch(jobs)
+        for src, local, dest in gathers:
+            np.take(src, local, axis=0, out=dest)
+        self.bytes_read += len(idx) * rec
+        self.gap_bytes += int((spans[:, 1] - spans[:, 2]).sum()) * rec
         return buf
 
     def split(self, layer: int, buf: np.ndarray) -> Dict[str, mx.array]:

@@ -190,3 +190,20 @@ def test_cli_flash_store_stats_line(tiny_folder):
     assert "store flash, read" in res.stderr and "[kept 50% (activation)" in res.stderr
     res = run(["ifp_mlx.apps.generate", *args[:2], "--prompt", "w5", "--ffn-store", "ssd"])
     assert res.returncode != 0 and "invalid choice: 'ssd'" in res.stderr
+
+
+def test_tokenizer_beyond_the_embedding_is_refused(tiny_folder, tmp_path):
+    """A tokenizer.json that maps a word past the embedding table: one error line, no crash
+    (in a subprocess, so that a segfault would show as a signal, not a pass)."""
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    tj = json.loads((bad / "tokenizer.json").read_text())
+    tj["model"]["vocab"]["w9"] = 10**9
+    (bad / "tokenizer.json").write_text(json.dumps(tj))
+    res = run(["ifp_mlx.apps.generate", "--model", str(bad), "--prompt", "w9", "--max-tokens", "2"])
+    assert res.returncode == 1, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "token id 1000000000 is not in this model's vocabulary" in err[0]

@@ -162,3 +162,14 @@ def test_dequantize_after_a_selection_really_swaps_in_float_layers(tmp_path):
     assert all(
         isinstance(p, (nn.Linear, UnitLinear)) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     )
+
+
+@pytest.mark.parametrize("bad", [[10**9], [-1], [96], [5, 2**40], ["w5"], [True]])
+def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
+    """Ids past the embedding table would read out of bounds (garbage or a segfault)."""
+    model, tok = tiny
+    with pytest.raises(IFPError, match="not in this model's vocabulary"):
+        model.select(bad, keep=0.5)
+    with pytest.raises(IFPError, match="not in this model's vocabulary"):
+        ifp_mlx.generate(model, tok, bad, keep=1.0, max_tokens=2)
+    assert model.check_tokens([0, 95, np.int64(7)]) == [0, 95, 7]

@@ -96,7 +96,7 @@ def test_flash_reads_exactly_the_kept_units(folder, monkeypatch):
     assert sel.read_calls == sum(len(store_mod.runs(i)) for i in sel.indices)
 
 
-def test_merged_reads_gather_the_same_units(folder):
+def test_merged_and_threaded_reads_gather_the_same_units(folder, monkeypatch):
     exact, _ = ifp_mlx.load(folder, ffn_store="flash")
     merged, _ = ifp_mlx.load(folder, ffn_store="flash")
     exact._ifp_store().file.max_gap_bytes = 0
@@ -106,6 +106,14 @@ def test_merged_reads_gather_the_same_units(folder):
     assert b.read_calls == len(a.indices) < a.read_calls  # one read per layer
     assert a.bytes_read == b.bytes_read  # kept bytes; gaps are counted apart
     assert mx.array_equal(run(exact), run(merged)).item()
+    # Big layers: reads cut into chunks (not on record boundaries) shared by threads.
+    monkeypatch.setattr(store_mod, "READ_PER_THREAD", 100)
+    monkeypatch.setattr(store_mod, "READ_CHUNK", 333)
+    for m in (exact, merged):
+        m.release()
+        c = m.select(TOKENS, keep=0.4, predictor="activation")
+        assert c.read_calls > len(c.indices) and c.bytes_read == a.bytes_read
+        assert mx.array_equal(run(m), run(merged if m is exact else exact)).item()
 
 
 def test_runs_and_spans():
