@@ -12,7 +12,16 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 from .errors import IFPError, read_json, write_json
 from .model import FORMAT_VERSION, find_ffns, to_unit_major
 from .selection import IFPMixin
-from .store import FileSpec, FlashStore, UnitFile, build, install, layer_modules, template
+from .store import (
+    FileSpec,
+    FlashStore,
+    UnitFile,
+    build,
+    install,
+    layer_modules,
+    template,
+    unit_arrays,
+)
 
 FFN_STORES = ("memory", "flash")
 _CLASSES = {}
@@ -43,19 +52,13 @@ def _without_units(model: nn.Module, spec: FileSpec, path: Path) -> nn.Module:
             if q is not None and "scales" not in getattr(mlp, proj):
                 setattr(mlp, proj, getattr(mlp, proj).to_quantized(**q))
         expected = {f.name: f.shape for f in layer.fields}
-        have = {n: tuple(a.shape[1:]) for n, a in _unit_arrays(mlp)}
+        have = {n: tuple(a.shape[1:]) for n, a in unit_arrays(layer_modules(mlp))}
         if have != expected or mlp.gate_proj.weight.shape[0] != layer.units:
             raise IFPError(f"{path}: ifp.ffn_store does not match the model config at {name}")
         templates.append(template(layer_modules(mlp)))
         install(mlp, templates[-1])
     object.__setattr__(model, "_ifp_templates", templates)
     return model
-
-
-def _unit_arrays(mlp):
-    from .store import unit_arrays
-
-    return unit_arrays(layer_modules(mlp))
 
 
 def _resolve(path: Union[str, Path]) -> Path:

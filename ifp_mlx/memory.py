@@ -148,9 +148,10 @@ def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predicto
     # Decode speed, same compact model in both stores, interleaved rounds.
     memory.apply_selection(_copy(sel))
     tps = {"memory": [], "flash": []}
-    for _ in range(rounds):
-        tps["memory"].append(_decode_tps(memory, tokens, decode_tokens))
-        tps["flash"].append(_decode_tps(flash, tokens, decode_tokens))
+    pair = [("memory", memory), ("flash", flash)]
+    for r in range(2 * rounds):  # alternating which goes first: this CPU's speed drifts
+        for name, model in pair if r % 2 == 0 else pair[::-1]:
+            tps[name].append(_decode_tps(model, tokens, decode_tokens))
     out["decode_tps_memory"] = float(np.median(tps["memory"]))
     out["decode_tps_flash"] = float(np.median(tps["flash"]))
     out["decode_flash_vs_memory"] = out["decode_tps_flash"] / out["decode_tps_memory"]

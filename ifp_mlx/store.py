@@ -107,7 +107,7 @@ class FileSpec:
                           for n, t, shape in entry["fields"]]  # fmt: skip
                 if any(f.dtype not in DTYPES for f in fields):
                     raise bad
-                quant = {p: entry["quantization"].get(p) for p in PROJ}
+                quant = {p: _quantization(entry["quantization"].get(p), bad) for p in PROJ}
                 spec = LayerSpec(str(entry["path"]), int(entry["units"]), int(entry["offset"]),
                                  fields, quant)  # fmt: skip
                 if spec.units < 1 or spec.offset < PAGE or not fields:
@@ -119,6 +119,18 @@ class FileSpec:
         if Path(spec.file).name != spec.file or not layers or layers[-1].end != spec.bytes:
             raise bad
         return spec
+
+
+def _quantization(q, bad: IFPError) -> Optional[dict]:
+    if q is None:
+        return None
+    if not isinstance(q, dict) or set(q) != {"bits", "group_size", "mode"}:
+        raise bad
+    if not all(isinstance(q[k], int) for k in ("bits", "group_size")) or not isinstance(
+        q["mode"], str
+    ):
+        raise bad
+    return q
 
 
 # ---------------------------------------------------------------- modules <-> unit arrays

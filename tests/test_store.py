@@ -225,6 +225,7 @@ def test_swapped_unit_file(copy, tmp_path):
         lambda s: s.update(file="../model.safetensors"),
         lambda s: s["layers"].pop(),
         lambda s: s["layers"][0].update(path="model.layers.9.mlp"),
+        lambda s: s["layers"][0]["quantization"].update(gate_proj={"bits": "4"}),
     ],
 )
 def test_ifp_block_that_does_not_match_its_files(copy, edit):
