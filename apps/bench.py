@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import cli_errors
-from .common import add_store_flag
+from .common import add_store_flag, model_name
 
 
 def main(argv=None) -> None:
@@ -61,11 +61,6 @@ def main(argv=None) -> None:
                 f"{row['loss_mlx_lm']:8.4f} {100 * row['relative_diff']:+10.2f}%"
             )
         write_json(args.json, r)
-
-
-def model_name(folder) -> str:
-    """The model as outputs name it: its folder's name, never a path of this machine."""
-    return Path(folder).resolve().name if folder else "bundled SmolLM2-135M-Instruct 4-bit"
 
 
 def write_json(path: str, result: dict) -> None:

@@ -46,6 +46,13 @@ def add_store_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def model_name(folder) -> str:
+    """The model as outputs name it: its folder's name, never a path of this machine."""
+    from pathlib import Path
+
+    return Path(folder).resolve().name if folder else "bundled SmolLM2-135M-Instruct 4-bit"
+
+
 def sampler_from(args):
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import IFPError, cli_errors, write_json
+from .common import model_name
 
 LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),
@@ -69,7 +70,7 @@ def run(args) -> None:
     cfg = EvalConfig.quick(**kw) if args.quick else EvalConfig(**kw)
     check_config(cfg)  # before the slow model load
     model, tokenizer = load(args.model)
-    name = str(args.model or "bundled SmolLM2-135M-Instruct 4-bit")
+    name = model_name(args.model)
     result = evaluate(model, tokenizer, cfg, name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

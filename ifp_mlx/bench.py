@@ -61,8 +61,8 @@ def quant_quality(
         model, tok = load(tmp / "f32")
         tokens = tok.encode(Path(text).read_text(errors="replace"))[:max_tokens]
         out = {
-            "source": str(source),
-            "text": str(text),
+            "source": source.name,  # names, never a path of this machine
+            "text": Path(text).name,
             "tokens": len(tokens),
             "group_size": group_size,
             "loss_fp32": text_loss(model, tokens),
