@@ -96,13 +96,27 @@ def default_model(bits: int = 4) -> Path:
     return out
 
 
-def _user_entries(folder: Path):
-    """What a user added to an older cached folder (predictor, searched budget), or None."""
+def _cached_ifp(folder: Path):
     import json
 
     try:
         ifp = json.loads((folder / "config.json").read_text())["ifp"]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ifp if isinstance(ifp, dict) else None
+
+
+def _current(folder: Path) -> bool:
+    from .model import FORMAT_VERSION
+
+    version = (_cached_ifp(folder) or {}).get("format_version")
+    return isinstance(version, int) and version >= FORMAT_VERSION
+
+
+def _user_entries(folder: Path):
+    """What a user added to an older cached folder (predictor, searched budget), or None."""
+    ifp = _cached_ifp(folder)
+    if ifp is None:
         return None
     kept = {k: ifp[k] for k in ("predictor", "budget", "budget_search", "training") if k in ifp}
     pred = kept.get("predictor") or {}
@@ -111,18 +125,6 @@ def _user_entries(folder: Path):
     if pred and not kept["_files"]:
         kept.pop("predictor")
     return kept
-
-
-def _current(folder: Path) -> bool:
-    import json
-
-    from .model import FORMAT_VERSION
-
-    try:
-        ifp = json.loads((folder / "config.json").read_text())["ifp"]
-        return ifp["format_version"] >= FORMAT_VERSION
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 SHIPPED = Path(__file__).parent / "data"

@@ -107,3 +107,25 @@ def test_real_flash_store_is_bit_identical(kind, smol_f32, smol_q4):
         for m in (memory, flash)
     ]
     assert answers[0] == answers[1]
+
+
+@pytest.mark.real
+def test_bundled_cache_from_an_older_format_is_reconverted(smol_q4, tmp_path, monkeypatch):
+    """A cached bundled model converted before the unit file: reconverted on first use, keeping
+    what the user added (a searched budget, the predictor)."""
+    import json
+    import shutil
+
+    from ifp_mlx import bundled
+
+    old = tmp_path / "home" / "models" / bundled.DEFAULT_NAME
+    shutil.copytree(smol_q4, old)
+    config = json.loads((old / "config.json").read_text())
+    config["ifp"].update(format_version=1, budget=[0.4] * 30)
+    (old / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("IFP_MLX_HOME", str(tmp_path / "home"))
+    assert bundled.default_model() == old
+    ifp = json.loads((old / "config.json").read_text())["ifp"]
+    assert ifp["format_version"] == 2 and ifp["budget"] == [0.4] * 30 and ifp["predictor"]
+    model, _ = ifp_mlx.load(old, ffn_store="flash")
+    assert model.default_keep == [0.4] * 30 and model.default_predictor == "learned"
