@@ -28,8 +28,16 @@ def command(conv, line: str, last) -> bool:
         print(HELP)
     elif name == "/dense":
         conv.set_keep(1.0)
+        before = conv.model.ffn_io[0]
         conv.model.dense()
-        print(_dim("[dense model]"))
+        read = conv.model.ffn_io[0] - before
+        print(
+            _dim(
+                f"[dense model: read {read / 2**20:.1f} MB of FFN units]"
+                if read
+                else "[dense model]"
+            )
+        )
     elif name == "/keep":
         try:
             conv.set_keep(keep_arg(arg.strip()))

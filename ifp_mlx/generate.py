@@ -68,9 +68,10 @@ class IFPStats:
 
     def line(self) -> str:
         store = f"store {self.store}"
-        if self.store != "memory":
-            whole = " (every unit: dense)" if self.predictor == "dense" and self.read_bytes else ""
-            store += f", read {self.read_bytes / 2**20:.1f} MB in {self.read_calls} reads{whole}"
+        if self.store != "memory" and self.predictor == "dense":
+            store += ", every unit in memory (dense)"
+        if self.store != "memory" and (self.read_bytes or self.predictor != "dense"):
+            store += f", read {self.read_bytes / 2**20:.1f} MB in {self.read_calls} reads"
         return (
             f"[kept {100 * self.keep:.0f}% ({self.predictor}) | {store} | select "
             f"{self.select_ms:.0f} ms | materialize {self.materialize_ms:.0f} ms | prompt "

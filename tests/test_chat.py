@@ -184,7 +184,8 @@ def test_cli_flash_store_stats_line(tiny_folder):
     assert res.returncode == 0, res.stderr
     assert "FFN store flash" in res.stdout
     lines = [line for line in res.stdout.splitlines() if "[kept " in line]
-    assert len(lines) == 2 and all("store flash, read" in line for line in lines)
+    assert len(lines) == 2 and "store flash, read" in lines[0]
+    assert "[dense model: read" in res.stdout and "every unit in memory (dense)" in lines[1]
     res = run(["ifp_mlx.apps.generate", *args, "--prompt", "w5 w6", "--keep", "0.5"])
     assert res.returncode == 0, res.stderr
     assert "store flash, read" in res.stderr and "[kept 50% (activation)" in res.stderr

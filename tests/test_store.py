@@ -159,9 +159,10 @@ def test_stats_line_and_per_turn_reads(folder):
         "store flash, read" in last.ifp.line() and f"{last.ifp.read_calls} reads" in last.ifp.line()
     )
     dense = list(ifp_mlx.stream_generate(model, tok, "w7 w8", keep=1.0, max_tokens=2))[-1]
-    assert "every unit: dense" in dense.ifp.line()
+    assert "every unit in memory (dense), read" in dense.ifp.line()
     again = list(ifp_mlx.stream_generate(model, tok, "w7 w8", keep=1.0, max_tokens=2))[-1]
     assert again.ifp.read_bytes == 0  # already dense: nothing read
+    assert "every unit in memory (dense)" in again.ifp.line() and "read" not in again.ifp.line()
     conv = Conversation(model, tok, keep=0.5, policy="per-turn")
     reads = []
     for text in ("w10 w11", "w12 w13"):
