@@ -160,7 +160,7 @@ def template(mods: Modules) -> Modules:
 
 
 def build(tmpl: Modules, arrays: Dict[str, mx.array]) -> Modules:
-    """A layer from its template and the unit arrays read for it."""
+    """A layer from its template (or a full layer: its unit arrays are replaced) and unit arrays."""
     out = []
     for proj, t in zip(PROJ, tmpl):
         m = copy.copy(t)
@@ -401,18 +401,10 @@ class UnitFile:
 # ---------------------------------------------------------------- stores
 
 
-def _take(module: nn.Module, proj: str, idx: mx.array) -> nn.Module:
-    new = copy.copy(module)
-    for name in UNIT_ARRAYS[proj]:
-        if isinstance(module.get(name), mx.array):
-            new[name] = mx.take(module[name], idx, axis=0)
-    return new
-
-
 def gather_resident(mods: Modules, idx: np.ndarray) -> Modules:
     """The kept rows of resident modules (lazy; evaluated with the rest of a selection)."""
     ids = mx.array(np.asarray(idx, np.int32))
-    return tuple(_take(m, p, ids) for p, m in zip(PROJ, mods))
+    return build(mods, {n: mx.take(a, ids, axis=0) for n, a in unit_arrays(mods)})
 
 
 class MemoryStore:
