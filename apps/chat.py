@@ -7,7 +7,8 @@ from ..errors import IFPError, cli_errors
 from .common import add_model_flags, check_flags, keep_arg, sampler_from
 
 HELP = """commands:
-  /keep F     keep fraction F of FFN units (e.g. /keep 0.3; applies from the next message)
+  /keep F     keep fraction F of FFN units (e.g. /keep 0.3, or /keep auto; from the next message)
+  /max-kl T   keep as few units as the calibration allows within KL T to the dense model
   /dense      use the full model
   /stats      details of the last answer
   /reset      start a new conversation
@@ -43,7 +44,10 @@ def command(conv, line: str, last) -> bool:
             conv.set_keep(keep_arg(arg.strip()))
         except argparse.ArgumentTypeError as e:
             raise IFPError(str(e))
-        print(_dim(f"[keep {conv.keep} from the next message]"))
+        print(_dim(f"[{conv.describe()} from the next message]"))
+    elif name == "/max-kl":
+        conv.set_keep("auto", arg.strip() or None)
+        print(_dim(f"[{conv.describe()} from the next message]"))
     elif name == "/reset":
         conv.reset()
         print(_dim("[new conversation]"))
@@ -69,12 +73,19 @@ def main(argv=None) -> None:
         from ..chat import Conversation
 
         model, tokenizer = load(args.model, ffn_store=args.ffn_store)
-        keep = args.keep if args.keep is not None else model.default_keep
-        conv = Conversation(model, tokenizer, keep, args.predictor, args.policy, args.system)
+        conv = Conversation(
+            model,
+            tokenizer,
+            args.keep,
+            args.predictor,
+            args.policy,
+            args.system,
+            max_kl=args.max_kl,
+        )
         sampler = sampler_from(args)
     print(
         _dim(
-            f"ifp-chat: keep {conv.keep}, predictor {conv.predictor}, policy {conv.policy}, "
+            f"ifp-chat: {conv.describe()}, predictor {conv.predictor}, policy {conv.policy}, "
             f"FFN store {conv.model.ffn_store}. "
             "/help for commands."
         )

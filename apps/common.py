@@ -4,13 +4,15 @@ import argparse
 
 
 def keep_arg(text: str):
-    """``0.5`` or a comma-separated per-layer list ``0.4,0.6,...``."""
+    """``0.5``, ``auto`` or a comma-separated per-layer list ``0.4,0.6,...``."""
+    if text.strip() == "auto":
+        return "auto"
     parts = [p for p in text.split(",") if p.strip()]
     try:
         values = [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"keep must be a number or a list of numbers, not {text!r}"
+            f"keep must be a number, a list of numbers or 'auto', not {text!r}"
         )
     if not values:
         raise argparse.ArgumentTypeError("keep is empty")
@@ -23,8 +25,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--keep",
         type=keep_arg,
         default=None,
-        help="fraction of FFN units kept per layer, or a per-layer list (default: "
-        "the model's budget, else 0.5; 1 = dense)",
+        help="fraction of FFN units kept per layer, a per-layer list, or 'auto' (the smallest "
+        "calibrated keep within --max-kl); default: the folder's budget, else auto when it is "
+        "calibrated, else 0.5; 1 = dense",
+    )
+    p.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        help="quality target for --keep auto: the expected KL (nats per token) to the dense "
+        "model's answers, from the folder's calibration (ifp-calibrate); implies --keep auto",
     )
     p.add_argument("--predictor", help="activation | learned (default: learned when the model "
                    "folder has a trained predictor, else activation)")  # fmt: skip
@@ -69,9 +79,15 @@ def check_flags(args) -> None:
     from ..predictors import get_predictor
     from ..selection import check_keep
 
-    if args.keep is not None:
+    if args.keep is not None and args.keep != "auto":
         for k in args.keep if isinstance(args.keep, list) else [args.keep]:
             check_keep(k)
+    if args.max_kl is not None:
+        from ..calibrate import check_max_kl
+
+        check_max_kl(args.max_kl)
+        if args.keep not in (None, "auto"):
+            raise IFPError("--max-kl chooses the keep itself: drop --keep (or pass --keep auto)")
     if args.predictor is not None:
         get_predictor(args.predictor)
     check_policy(args.policy)

@@ -26,6 +26,7 @@ def main(argv=None) -> None:
             prompt,
             keep=args.keep,
             predictor=args.predictor,
+            max_kl=args.max_kl,
             max_tokens=args.max_tokens,
             sampler=sampler_from(args),
         ):

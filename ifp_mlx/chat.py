@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
+from .calibrate import resolve
 from .errors import IFPError
 from .generate import IFPResponse, prompt_tokens, stream_generate
 from .predictors import get_predictor
@@ -32,24 +33,38 @@ def check_policy(policy: str) -> str:
 class Conversation:
     model: nn.Module
     tokenizer: object
-    keep: Budget = 0.5
+    keep: Budget = None  # a fraction, a per-layer list, "auto", None: the folder's default
     predictor: Optional[str] = None  # None: the model's default predictor
     policy: str = "first-turn"
     system: Optional[str] = None
     messages: List[dict] = field(default_factory=list)
+    max_kl: Optional[float] = None  # quality target of keep="auto"
 
     def __post_init__(self):
         check_policy(self.policy)
         if self.predictor is None:
             self.predictor = self.model.default_predictor
         get_predictor(self.predictor)
-        self.set_keep(self.keep)
+        self.set_keep(self.keep, self.max_kl)
         self.reset()
 
-    def set_keep(self, keep: Budget) -> None:
-        budget_units(keep, self.model.ffn_units)  # validates
-        self.keep = keep
-        self._selected = False  # a new budget takes effect at the next user message
+    def set_keep(self, keep: Budget, max_kl: Optional[float] = None) -> None:
+        """A new budget (or quality target), validated now, used from the next user message."""
+        self.choice = resolve(self.model, keep, self.predictor, max_kl)
+        budget_units(self.choice.keep, self.model.ffn_units)
+        self.keep, self.max_kl = keep, max_kl
+        self._selected = False
+
+    def describe(self) -> str:
+        """``keep 0.62 (auto for KL ≤ 0.5, expected KL 0.50)`` — the banner's budget part."""
+        c = self.choice
+        keep = f"{c.keep:.2f}" if isinstance(c.keep, float) else str(c.keep)
+        if isinstance(c.keep, list):
+            keep = f"per-layer budget (mean {sum(c.keep) / len(c.keep):.2f})"
+        notes = [f"auto for KL ≤ {c.max_kl:g}"] if c.max_kl is not None else []
+        if c.expected_kl is not None and not is_dense(c.keep):
+            notes.append(f"expected KL {c.expected_kl:.2f}")
+        return f"keep {keep}" + (f" ({', '.join(notes)})" if notes else "")
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -78,7 +93,9 @@ class Conversation:
         messages = self.messages + [{"role": "user", "content": text}]
         full = prompt_tokens(self.tokenizer, messages)
         new = self._new_tokens(full)
-        reselect = not is_dense(self.keep) and (self.policy == "per-turn" or not self._selected)
+        reselect = not is_dense(self.choice.keep) and (
+            self.policy == "per-turn" or not self._selected
+        )
         answer, generated, started = "", [], False
         stream = stream_generate(
             self.model,
@@ -86,6 +103,7 @@ class Conversation:
             new,
             keep=self.keep,
             predictor=self.predictor,
+            max_kl=self.max_kl,
             max_tokens=max_tokens,
             prompt_cache=self.cache,
             reselect=reselect,

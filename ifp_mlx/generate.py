@@ -65,6 +65,17 @@ class IFPStats:
     store: str = "memory"  # where the FFN units live (ifp_mlx.store)
     read_bytes: int = 0  # flash: bytes read from the unit file for this answer
     read_calls: int = 0
+    expected_kl: Optional[float] = None  # calibrated KL to the dense model at this keep
+    max_kl: Optional[float] = None  # the target the keep was chosen for (keep="auto")
+
+    def quality(self) -> str:
+        """``kept 62% (learned, auto ≤ 0.5: KL ≈ 0.48)``: the keep in use and what it costs."""
+        text = f"kept {100 * self.keep:.0f}% ({self.predictor}"
+        if self.max_kl is not None:
+            text += f", auto for KL ≤ {self.max_kl:g}"
+        if self.expected_kl is not None and self.predictor != "dense":
+            text += f", expected KL {self.expected_kl:.2f}"
+        return text + ")"
 
     def line(self) -> str:
         store = f"store {self.store}"
@@ -73,7 +84,7 @@ class IFPStats:
         if self.store != "memory" and (self.read_bytes or self.predictor != "dense"):
             store += f", read {self.read_bytes / 2**20:.1f} MB in {self.read_calls} reads"
         return (
-            f"[kept {100 * self.keep:.0f}% ({self.predictor}) | {store} | select "
+            f"[{self.quality()} | {store} | select "
             f"{self.select_ms:.0f} ms | materialize {self.materialize_ms:.0f} ms | prompt "
             f"{self.prompt_tps:.0f} tok/s | decode {self.generation_tps:.1f} tok/s | peak "
             f"{self.peak_memory_gb:.2f} GB]"
@@ -96,14 +107,17 @@ def stream_generate(
     max_tokens: int = 256,
     prompt_cache: Optional[list] = None,
     reselect: bool = True,
+    max_kl: Optional[float] = None,
     **kwargs,
 ) -> Iterator[IFPResponse]:
     """Like ``mlx_lm.stream_generate`` but prunes the FFNs for this prompt first.
 
-    ``keep``: fraction of FFN units kept per layer (1.0 = dense), a per-layer list, or None for
-    the model folder's default budget. With ``reselect=False`` the current selection is kept
+    ``keep``: fraction of FFN units kept per layer (1.0 = dense), a per-layer list, ``"auto"``
+    (the smallest calibrated keep whose expected KL to the dense model is ≤ ``max_kl``), or
+    None for the folder's default. With ``reselect=False`` the current selection is kept
     (multi-turn "first-turn" policy). ``kwargs`` go to mlx-lm (``sampler=``, ...).
     """
+    from .calibrate import resolve
     from .selection import budget_units
 
     tokens = model.check_tokens(prompt_tokens(tokenizer, prompt))
@@ -114,17 +128,19 @@ def stream_generate(
     used = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
     if limit and used + len(tokens) >= limit:
         raise IFPError(f"prompt is {used + len(tokens)} tokens, the model's context is {limit}")
-    budget_units(model.default_keep if keep is None else keep, model.ffn_units)  # validate early
+    choice = resolve(model, keep, predictor, max_kl)
+    budget_units(choice.keep, model.ffn_units)  # validate early
 
     stats = IFPStats(prompt_tokens=len(tokens), store=model.ffn_store)
     read0, calls0 = model.ffn_io
     mx.reset_peak_memory()
     tic = time.perf_counter()
     rest = tokens
-    if is_dense(keep):
+    if is_dense(choice.keep):
         model.dense()
     elif reselect or model.selection is None:
-        sel: Selection = model.select(tokens, keep=keep, predictor=predictor, cache=cache)
+        sel: Selection = model.select(tokens, choice.keep, choice.predictor, cache=cache)
+        sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
         stats.score_prefill_ms = sel.score_ms
         stats.select_ms = sel.select_ms
         stats.materialize_ms = sel.materialize_ms
@@ -132,7 +148,9 @@ def stream_generate(
         rest = tokens[sel.prefilled :]
     stats.read_bytes, stats.read_calls = (a - b for a, b in zip(model.ffn_io, (read0, calls0)))
     if model.selection is not None:
-        stats.keep, stats.predictor = model.selection.keep, model.selection.predictor
+        sel = model.selection
+        stats.keep, stats.predictor = sel.keep, sel.predictor
+        stats.expected_kl, stats.max_kl = sel.expected_kl, sel.max_kl
     ttft_start = time.perf_counter() - tic
 
     for resp in _mlx_stream_generate(
@@ -160,7 +178,8 @@ def generate(
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """Answer ``prompt`` in one shot with the FFNs pruned for it (greedy unless ``sampler=``)."""
+    """Answer ``prompt`` in one shot with the FFNs pruned for it (greedy unless ``sampler=``;
+    ``max_kl=`` picks the keep for a quality target, see ``stream_generate``)."""
     text, last = "", None
     for resp in stream_generate(model, tokenizer, prompt, keep, predictor, max_tokens, **kwargs):
         if verbose:

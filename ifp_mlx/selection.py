@@ -99,6 +99,8 @@ class Selection:
     read_calls: int = 0  # flash: positional reads issued (runs of adjacent units coalesce)
     score_bytes_read: int = 0  # flash: bytes streamed by the predictor's dense pass
     prefilled: int = 0  # prompt tokens the predictor already put in the cache
+    expected_kl: Optional[float] = None  # calibrated KL to the dense model at this keep
+    max_kl: Optional[float] = None  # the quality target the keep was chosen for (keep="auto")
     extra: dict = field(default_factory=dict)
 
     @property
@@ -251,22 +253,25 @@ class IFPMixin:
         predictor=None,
         cache: Optional[list] = None,
         block: int = 1,
+        max_kl: Optional[float] = None,
     ) -> Selection:
         """Score the prompt, keep the top units per layer, materialize them; returns the Selection.
 
-        ``keep`` is a fraction in (0, 1], a per-layer list, or None for the folder's default
-        budget. With a ``cache`` the predictor may prefill it (see ``Selection.prefilled``).
+        ``keep`` is a fraction in (0, 1], a per-layer list, ``"auto"`` (the smallest calibrated
+        keep whose expected KL to the dense model is within ``max_kl``), or None for the
+        folder's default (``ifp_mlx.calibrate.resolve``). With a ``cache`` the predictor may
+        prefill it (see ``Selection.prefilled``).
         """
+        from .calibrate import resolve
         from .predictors import get_predictor
 
         tokens = self.check_tokens(prompt_tokens)
         if not tokens:
             raise IFPError("empty prompt")
-        keep = self.default_keep if keep is None else keep
-        predictor = self.default_predictor if predictor is None else predictor
+        choice = resolve(self, keep, predictor, max_kl)
         units = self.ffn_units
-        ks = budget_units(keep, units, block)
-        pred = get_predictor(predictor)
+        ks = budget_units(choice.keep, units, block)
+        pred = get_predictor(choice.predictor)
         store = self._ifp_store()
         store.check()
         if store.name == "memory":
@@ -282,6 +287,7 @@ class IFPMixin:
         indices = [top_units(s, k, block) for s, k in zip(result.scores, ks)]
         select_ms = (time.perf_counter() - tic) * 1e3
         sel = Selection(indices, units, pred.name, score_ms, select_ms, prefilled=result.prefilled)
+        sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
         sel.score_bytes_read = store.bytes_read - read0
         return self.apply_selection(sel)
 
@@ -293,6 +299,8 @@ class IFPMixin:
 
     @property
     def default_keep(self) -> Budget:
-        """The folder's searched per-layer budget when it has one, else 0.5."""
-        budget = self.__dict__.get("_ifp_config", {}).get("budget")
-        return budget if budget else 0.5
+        """What ``keep=None`` means for the default predictor: the folder's searched per-layer
+        budget, else the calibrated keep for its default quality target, else 0.5."""
+        from .calibrate import resolve
+
+        return resolve(self).keep

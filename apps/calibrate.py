@@ -1,0 +1,57 @@
+"""``ifp-calibrate``: measure a model folder's keep → quality curve and store it in the folder,
+so ``--keep auto --max-kl T`` (and the default) can pick the keep for a quality target."""
+
+import argparse
+
+from ..errors import cli_errors
+from .common import model_name
+from .eval import _floats
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="ifp-calibrate", description=__doc__)
+    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--predictor", help="activation | learned (default: the folder's default)")
+    p.add_argument("--keeps", type=_floats, help="comma list (default 0.2, 0.25, ..., 1)")
+    p.add_argument("--n-prompts", type=int, help="calibration prompts (default 32)")
+    p.add_argument("--tokens", type=int, help="dense answer tokens per prompt (default 48)")
+    p.add_argument("--default-max-kl", type=float,
+                   help="also make this KL target the folder's default (keep=None)")  # fmt: skip
+    args = p.parse_args(argv)
+    with cli_errors("ifp-calibrate"):
+        run(args)
+
+
+def run(args) -> None:
+    from .. import load
+    from ..bundled import default_model
+    from ..calibrate import CalibrationConfig, calibrate, check_max_kl, curves
+    from ..loading import set_ifp_entries
+    from ..predictors import get_predictor
+
+    kw = {k: getattr(args, k) for k in ("keeps", "n_prompts", "tokens") if getattr(args, k)}
+    cfg = CalibrationConfig(**kw)
+    cfg.check()  # before the slow model load
+    if args.predictor is not None:
+        get_predictor(args.predictor)
+    if args.default_max_kl is not None:
+        check_max_kl(args.default_max_kl)
+    folder = args.model or default_model()
+    model, tokenizer = load(folder)
+    predictor = args.predictor or model.default_predictor
+    curve = calibrate(model, tokenizer, predictor, cfg)
+    entries = {"calibration": {**curves(model._ifp_config), predictor: curve.to_dict()}}
+    if args.default_max_kl is not None:
+        entries["default_max_kl"] = args.default_max_kl
+    set_ifp_entries(folder, **entries)
+    print(f"{model_name(args.model)}, predictor {predictor}: {curve.prompts} calibration prompts")
+    print(f"{'keep':>5} {'KL':>6} {'agree':>6}")
+    for k, kl, a in zip(curve.keeps, curve.kl, curve.agree):
+        print(f"{k:5.2f} {kl:6.3f} {a:6.1%}")
+    for target in (0.25, 0.5, 1.0):
+        print(f"--max-kl {target:g}: keep {curve.keep_for(target):.3f}")
+    print(f"stored the curve in the folder's config.json (ifp.calibration.{predictor})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Calibration: the measured curve keep → quality, so a user can ask for quality, not a fraction.
+
+A keep fraction means nothing to a user; "how far from the dense model" does. ``calibrate``
+measures, on the ``calib`` split (never the ``test`` split quality is reported on), the mean
+KL(dense ‖ pruned) per token and the top-1 agreement over the dense model's own greedy answers,
+at a grid of keeps, for one predictor. The curve is stored in the folder's ``ifp.calibration``
+block; ``keep="auto"`` with ``max_kl=T`` then picks the smallest keep whose calibrated KL is
+within T (linear between measured keeps), and the stats line reports the expected KL.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .errors import IFPError
+
+DEFAULT_MAX_KL = 0.5  # keep="auto" without a target (and the default of calibrated folders)
+SPLIT = "calib"
+
+
+def _grid() -> List[float]:
+    return [round(0.2 + 0.05 * i, 2) for i in range(17)]  # 0.2, 0.25, ..., 1.0
+
+
+@dataclass
+class CalibrationConfig:
+    keeps: List[float] = field(default_factory=_grid)
+    n_prompts: int = 32
+    tokens: int = 48  # dense greedy answer tokens per prompt
+    max_prompt: int = 192
+    dequantize: bool = True  # float copies of quantized weights: same values, fast on CPU
+
+    def check(self) -> None:
+        from .selection import check_keep
+
+        if len(self.keeps) < 2:
+            raise IFPError("calibration needs at least two keeps")
+        for k in self.keeps:
+            check_keep(k)
+        if self.n_prompts <= 0 or self.tokens <= 0:
+            raise IFPError("--n-prompts and --tokens must be positive")
+
+
+@dataclass
+class Curve:
+    """KL(dense ‖ pruned) and top-1 agreement at measured keeps (ascending, 1.0 included)."""
+
+    keeps: List[float]
+    kl: List[float]
+    agree: List[float]
+    prompts: int = 0
+    tokens: int = 0
+    split: str = SPLIT
+    ids: List[str] = field(default_factory=list)  # which calibration prompts were used
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Curve":
+        try:
+            curve = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+            keeps = [float(k) for k in curve.keeps]
+            kl = [float(v) for v in curve.kl]
+        except (KeyError, TypeError, ValueError):
+            raise IFPError("the folder's ifp.calibration entry is damaged: rerun ifp-calibrate")
+        if len(keeps) < 2 or len(kl) != len(keeps) or keeps != sorted(keeps) or keeps[-1] != 1.0:
+            raise IFPError("the folder's ifp.calibration entry is damaged: rerun ifp-calibrate")
+        return curve
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def envelope(self) -> np.ndarray:
+        """KL made non-increasing in keep, conservatively: each keep counts the worst KL measured
+        at it or any larger keep, so a lucky dip never makes a too-small keep look good enough
+        and "the smallest keep within T" is well defined."""
+        kl = np.asarray(self.kl, np.float64)
+        return np.maximum.accumulate(kl[::-1])[::-1]
+
+    def expected_kl(self, keep: float) -> float:
+        """Calibrated KL at ``keep`` (linear between measured keeps; below the grid: its end)."""
+        return float(np.interp(keep, self.keeps, self.envelope()))
+
+    def keep_for(self, max_kl: float) -> float:
+        """The smallest keep whose calibrated KL is ≤ ``max_kl``."""
+        keeps, kl = np.asarray(self.keeps, np.float64), self.envelope()
+        if kl[0] <= max_kl:
+            return float(keeps[0])  # never extrapolate below what was measured
+        i = int(np.nonzero(kl <= max_kl)[0][0])  # kl[-1] (keep 1.0) is 0: always found
+        k0, k1, v0, v1 = keeps[i - 1], keeps[i], kl[i - 1], kl[i]
+        t = (v0 - max_kl) / (v0 - v1) if v0 > v1 else 1.0
+        return float(min(1.0, k0 + t * (k1 - k0)))
+
+
+def check_max_kl(max_kl) -> float:
+    try:
+        value = float(max_kl)
+    except (TypeError, ValueError):
+        raise IFPError(f"max_kl must be a positive number of nats, not {max_kl!r}")
+    if not value > 0 or value == float("inf"):
+        raise IFPError(f"max_kl must be a positive number of nats, not {max_kl}")
+    return value
+
+
+def curves(ifp_config: dict) -> Dict[str, dict]:
+    entry = ifp_config.get("calibration")
+    return entry if isinstance(entry, dict) else {}
+
+
+def curve_of(model, predictor: str) -> Optional[Curve]:
+    """The folder's calibrated curve for ``predictor`` (a registered name), or None."""
+    d = curves(model.__dict__.get("_ifp_config", {})).get(predictor)
+    return Curve.from_dict(d) if d is not None else None
+
+
+def calibrate(model, tokenizer, predictor: str, cfg: CalibrationConfig, progress=True) -> Curve:
+    """Measure the curve of ``predictor`` on the calibration split (see module docstring)."""
+    from tqdm import tqdm
+
+    from .eval import data
+    from .eval.methods import Method
+    from .eval.metrics import fidelity, fidelity_cases
+    from .model import dequantize
+
+    cfg.check()
+    if cfg.dequantize:
+        dequantize(model)
+    pairs, ids = data.chat_pairs(tokenizer, SPLIT, cfg.n_prompts, cfg.max_prompt, cfg.tokens)
+    if not pairs:
+        raise IFPError("no calibration prompts found in the calib split")
+    dense = Method("dense", model, lambda: [])
+    eos = set(tokenizer.eos_token_ids)
+    cases = fidelity_cases(dense, [p for p, _ in pairs], cfg.tokens, eos)
+    method = Method(f"ifp-{predictor}", model, lambda: [])
+    keeps = sorted(set(float(k) for k in cfg.keeps) | {1.0})
+    kl, agree = [], []
+    for keep in tqdm(keeps, desc=f"ifp-calibrate {predictor}", disable=not progress):
+        if keep == 1.0:
+            a, b = 0.0, 1.0  # keep 1 is the dense model, bit for bit (tested)
+        else:
+            a, b = fidelity(method, cases, keep)
+        kl.append(a)
+        agree.append(b)
+    model.dense()
+    return Curve(keeps, kl, agree, len(cases), cfg.tokens, SPLIT, ids)
+
+
+@dataclass
+class Choice:
+    """What a request's keep / predictor / max_kl resolve to for one model."""
+
+    keep: object  # Budget: a fraction or a per-layer list
+    predictor: object  # a registered name or a predictor object
+    expected_kl: Optional[float] = None  # calibrated KL at this keep (None: not calibrated)
+    max_kl: Optional[float] = None  # the quality target it was chosen for (keep="auto")
+
+
+def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
+    """Turn a request into a concrete budget.
+
+    ``keep``: a fraction, a per-layer list, ``"auto"`` (smallest calibrated keep within
+    ``max_kl``), or None: the folder's searched budget, else ``"auto"`` when the folder is
+    calibrated for this predictor (at its ``ifp.default_max_kl``, else ``DEFAULT_MAX_KL``), else
+    0.5. ``max_kl`` alone means ``keep="auto"``.
+    """
+    predictor = model.default_predictor if predictor is None else predictor
+    name = predictor if isinstance(predictor, str) else None
+    curve = curve_of(model, name) if name else None
+    ifp = model.__dict__.get("_ifp_config", {})
+    if max_kl is not None:
+        max_kl = check_max_kl(max_kl)
+        if keep not in (None, "auto"):
+            raise IFPError("max_kl chooses the keep itself: pass keep='auto' (or no keep)")
+        keep = "auto"
+    if keep is None:
+        if ifp.get("budget"):
+            return Choice(ifp["budget"], predictor)
+        if curve is None:
+            return Choice(0.5, predictor)
+        keep = "auto"
+    if isinstance(keep, str):
+        if keep != "auto":
+            raise IFPError(
+                f"keep must be a number in (0, 1], a per-layer list or 'auto', not {keep!r}"
+            )
+        if curve is None:
+            raise IFPError(
+                f"keep 'auto' needs a calibrated model: this folder has no calibration for the "
+                f"{name or 'given'} predictor (run: ifp-calibrate --model FOLDER"
+                + (f" --predictor {name})" if name else ")")
+            )
+        target = (
+            max_kl
+            if max_kl is not None
+            else check_max_kl(ifp.get("default_max_kl", DEFAULT_MAX_KL))
+        )
+        chosen = curve.keep_for(target)
+        return Choice(chosen, predictor, curve.expected_kl(chosen), target)
+    expected = None
+    if curve is not None and isinstance(keep, (int, float)):
+        expected = curve.expected_kl(float(keep))
+    return Choice(keep, predictor, expected)

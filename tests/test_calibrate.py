@@ -1,0 +1,137 @@
+"""Calibration curves and keep="auto": the math, the resolution rules, the API and the CLIs."""
+
+import pytest
+
+import ifp_mlx
+from ifp_mlx.calibrate import Curve, resolve
+from ifp_mlx.convert import convert
+from ifp_mlx.errors import IFPError
+from ifp_mlx.loading import set_ifp_entries
+from tests.helpers import make_tiny_hf
+
+CURVE = {"keeps": [0.2, 0.5, 0.75, 1.0], "kl": [2.0, 1.0, 0.4, 0.0], "agree": [0.3, 0.5, 0.7, 1.0]}
+
+
+def test_keep_for_interpolates_between_measured_keeps():
+    c = Curve.from_dict(CURVE)
+    assert c.keep_for(1.0) == pytest.approx(0.5)
+    assert c.keep_for(0.7) == pytest.approx(0.625)  # halfway from 1.0 down to 0.4
+    assert c.keep_for(0.2) == pytest.approx(0.875)
+    assert c.keep_for(5.0) == pytest.approx(0.2)  # never below the smallest measured keep
+    assert c.keep_for(1e-9) == pytest.approx(1.0, abs=1e-6)
+    for t in (0.1, 0.4, 0.7, 1.5):  # the chosen keep's expected KL is the target
+        assert c.expected_kl(c.keep_for(t)) == pytest.approx(t)
+
+
+def test_a_lucky_dip_never_makes_a_too_small_keep_look_good_enough():
+    c = Curve.from_dict({**CURVE, "kl": [2.0, 0.9, 1.1, 0.0]})
+    assert list(c.envelope()) == [2.0, 1.1, 1.1, 0.0]
+    assert c.keep_for(1.0) == pytest.approx(0.75 + 0.25 * 0.1 / 1.1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"keeps": [0.5, 1.0]}, {**CURVE, "keeps": [0.5, 0.2, 0.75, 1.0]}, {**CURVE, "kl": ["x"] * 4},
+     {**CURVE, "keeps": [0.2, 0.5, 0.75, 0.9]}, {**CURVE, "kl": [1.0]}],
+)  # fmt: skip
+def test_a_damaged_curve_is_a_one_line_error(bad):
+    with pytest.raises(IFPError, match="ifp.calibration entry is damaged"):
+        Curve.from_dict(bad)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    convert(make_tiny_hf("llama", root / "hf", seed=3), root / "m", progress=False)
+    return root / "m"
+
+
+@pytest.fixture
+def calibrated(folder):
+    set_ifp_entries(folder, calibration={"activation": CURVE})
+    yield folder
+    set_ifp_entries(folder, calibration=None, default_max_kl=None)
+
+
+def test_resolution_rules(calibrated):
+    folder = calibrated
+    set_ifp_entries(folder, calibration=None)
+    plain, _ = ifp_mlx.load(folder)
+    assert resolve(plain).keep == 0.5 and resolve(plain).expected_kl is None
+    with pytest.raises(IFPError, match="no calibration for the activation predictor"):
+        resolve(plain, "auto")
+    set_ifp_entries(folder, calibration={"activation": CURVE})
+    model, _ = ifp_mlx.load(folder)
+    default = resolve(model)  # a calibrated folder defaults to auto at DEFAULT_MAX_KL (0.5)
+    assert default.keep == pytest.approx(0.5 + 0.25 * 5 / 6) and default.max_kl == 0.5
+    assert resolve(model, max_kl=1.0).keep == pytest.approx(0.5)
+    assert resolve(model, "auto", max_kl=1.0).keep == pytest.approx(0.5)
+    fixed = resolve(model, 0.75)
+    assert fixed.keep == 0.75 and fixed.expected_kl == pytest.approx(0.4) and fixed.max_kl is None
+    with pytest.raises(IFPError, match="max_kl chooses the keep"):
+        resolve(model, 0.5, max_kl=1.0)
+    for bad in (-1, 0, "x", float("nan")):
+        with pytest.raises(IFPError, match="max_kl must be a positive number"):
+            resolve(model, max_kl=bad)
+    with pytest.raises(IFPError, match="or 'auto'"):
+        resolve(model, "most")
+    set_ifp_entries(folder, default_max_kl=1.0)
+    model, _ = ifp_mlx.load(folder)
+    assert resolve(model).keep == pytest.approx(0.5)  # the folder's own default target
+    set_ifp_entries(folder, budget=[0.3, 0.4])
+    model, _ = ifp_mlx.load(folder)
+    assert resolve(model).keep == [0.3, 0.4]  # a searched budget wins over auto
+    set_ifp_entries(folder, budget=None)
+
+
+def test_auto_selects_and_reports_the_expected_kl(calibrated):
+    model, tok = ifp_mlx.load(calibrated)
+    last = None
+    for last in ifp_mlx.stream_generate(model, tok, "w5 w6 w7", max_kl=1.0, max_tokens=3):
+        pass
+    sel = model.selection
+    assert sel.keep == pytest.approx(0.5, abs=0.02) and sel.max_kl == 1.0
+    assert sel.expected_kl == pytest.approx(1.0)
+    assert "auto for KL ≤ 1" in last.ifp.line() and "expected KL 1.00" in last.ifp.line()
+    sel = model.select([5, 6, 7], keep="auto", max_kl=0.4)
+    assert sel.keep == pytest.approx(0.75, abs=0.02) and sel.expected_kl == pytest.approx(0.4)
+    for last in ifp_mlx.stream_generate(model, tok, "w5 w6 w7", keep=0.75, max_tokens=2):
+        pass
+    assert "expected KL 0.40" in last.ifp.line() and "auto" not in last.ifp.line()
+
+
+def test_cli_keep_auto_and_max_kl(calibrated, capsys):
+    from ifp_mlx.apps import generate
+
+    generate.main(["--model", str(calibrated), "--prompt", "w5 w6", "--max-kl", "1",
+                   "--max-tokens", "2"])  # fmt: skip
+    assert "kept 50% (activation, auto for KL ≤ 1, expected KL 1.00)" in capsys.readouterr().err
+    generate.main(["--model", str(calibrated), "--prompt", "w5 w6", "--keep", "auto",
+                   "--max-tokens", "2"])  # fmt: skip
+    assert "auto for KL ≤ 0.5" in capsys.readouterr().err
+    for flags, msg in (
+        (["--keep", "0.5", "--max-kl", "1"], "--max-kl chooses the keep itself"),
+        (["--max-kl", "-2"], "max_kl must be a positive number"),
+        (["--keep", "often"], "or 'auto'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--model", str(calibrated), "--prompt", "w5"] + flags)
+        assert e.value.code != 0
+        assert msg in capsys.readouterr().err
+
+
+def test_chat_banner_and_commands(calibrated):
+    from ifp_mlx.apps.chat import command
+    from ifp_mlx.chat import Conversation
+
+    model, tok = ifp_mlx.load(calibrated)
+    conv = Conversation(model, tok)
+    assert conv.describe() == "keep 0.71 (auto for KL ≤ 0.5, expected KL 0.50)"
+    command(conv, "/max-kl 1", None)
+    assert conv.describe() == "keep 0.50 (auto for KL ≤ 1, expected KL 1.00)"
+    command(conv, "/keep 0.75", None)
+    assert conv.describe() == "keep 0.75 (expected KL 0.40)"
+    with pytest.raises(IFPError, match="max_kl must be a positive number"):
+        command(conv, "/max-kl zero", None)
+    resp = list(conv.ask("w6 w7", max_tokens=2))[-1]
+    assert resp.ifp.keep == pytest.approx(0.75, abs=0.02)
