@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quantize", action="store_true", help="quantize weights")
     p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--q-down-bits", type=int, choices=[4, 8],
+                   help="bits of the FFN down projections (default: --q-bits)")  # fmt: skip
     p.add_argument(
         "--permute-units",
         metavar="TEXT_FILE",
@@ -48,6 +50,7 @@ def main(argv=None) -> None:
             quantize=args.quantize,
             q_bits=args.q_bits,
             q_group_size=args.q_group_size,
+            q_down_bits=args.q_down_bits,
             permute_units_text=args.permute_units,
             force=args.force,
             revision=args.revision,

@@ -175,6 +175,7 @@ def convert(
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
+    q_down_bits: Optional[int] = None,
     permute_units_text: Optional[Union[str, Path]] = None,
     force: bool = False,
     revision: Optional[str] = None,
@@ -186,6 +187,8 @@ def convert(
     start = time.perf_counter()
     output = Path(output)
     _check_options(dtype, quantize, q_bits, q_group_size)
+    if q_down_bits is not None and (not quantize or q_down_bits not in Q_BITS):
+        raise IFPError("--q-down-bits needs -q and must be 4 or 8")
     check_output(output, force)
     if predictor is not None and permute_units_text is not None:
         raise IFPError("--predictor cannot be combined with --permute-units (unit order differs)")
@@ -220,9 +223,20 @@ def convert(
             permute_units(model, [coactivation_order(a) for a in bar(acts)])
         quant = None
         if quantize:
+            def predicate(path: str, _module):
+                # down_proj carries what the dropped units no longer add: more bits there
+                # (--q-down-bits 8) is the knob that compounds least with pruning
+                if q_down_bits is not None and path.endswith("down_proj"):
+                    return {"bits": q_down_bits, "group_size": q_group_size}
+                return True
+
             with contextlib.redirect_stdout(io.StringIO()):
-                model, cfg = quantize_model(model, cfg, q_group_size, q_bits)
+                model, cfg = quantize_model(
+                    model, cfg, q_group_size, q_bits, quant_predicate=predicate
+                )
             quant = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"}
+            if q_down_bits is not None:
+                quant["down_proj_bits"] = q_down_bits
         cfg["ifp"] = {
             "format_version": FORMAT_VERSION,
             "ffn_layout": "unit-major",

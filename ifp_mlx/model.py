@@ -165,39 +165,48 @@ class Tap(nn.Module):
     models in tests; never present in a model that is decoding.
     """
 
-    def __init__(self, inner: nn.Module, record: Optional[list], mask: Optional[mx.array], reduce):
+    def __init__(
+        self, inner: nn.Module, record: Optional[list], mask: Optional[mx.array], reduce, out=None
+    ):
         super().__init__()
         self.inner = inner
         # Plain attributes, not module children: they are not parameters.
         object.__setattr__(self, "_record", record)
         object.__setattr__(self, "_mask", mask)
         object.__setattr__(self, "_reduce", reduce)
+        object.__setattr__(self, "_out", out)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self._record is not None:
             self._record.append(x if self._reduce is None else self._reduce(x))
         if self._mask is not None:
             x = x * self._mask
-        return self.inner(x)
+        y = self.inner(x)
+        if self._out is not None:  # the layer's output summed over tokens (compensation)
+            self._out.append(y.astype(mx.float32).sum(axis=(0, 1)))
+        return y
 
 
 class tap_ffns:
     """``with tap_ffns(model, record=True, masks=None) as records:`` — records[l] is a list of
     the activation inputs ``act(gate) * up`` that layer l's down projection saw (or of
-    ``reduce(input)``: a predictor that only needs a per-unit summary keeps no activations)."""
+    ``reduce(input)``: a predictor that only needs a per-unit summary keeps no activations).
+    With ``outputs=True``, ``self.outputs[l]`` gets each call's output summed over tokens."""
 
-    def __init__(self, model: nn.Module, record: bool = True, masks=None, reduce=None):
+    def __init__(self, model: nn.Module, record: bool = True, masks=None, reduce=None, outputs=False):
         self.ffns = [m for _, m in find_ffns(model)]
         self.record = record
         self.masks = masks
         self.reduce = reduce
+        self.outputs = [[] for _ in self.ffns] if outputs else None
 
     def __enter__(self) -> List[list]:
         self.records = [[] for _ in self.ffns]
         for i, mlp in enumerate(self.ffns):
             mask = None if self.masks is None else self.masks[i]
             rec = self.records[i] if self.record else None
-            mlp.down_proj = Tap(mlp.down_proj, rec, mask, self.reduce)
+            out = None if self.outputs is None else self.outputs[i]
+            mlp.down_proj = Tap(mlp.down_proj, rec, mask, self.reduce, out)
         return self.records
 
     def __exit__(self, *exc):

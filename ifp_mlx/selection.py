@@ -99,9 +99,16 @@ class Selection:
     read_calls: int = 0  # flash: positional reads issued (runs of adjacent units coalesce)
     score_bytes_read: int = 0  # flash: bytes streamed by the predictor's dense pass
     prefilled: int = 0  # prompt tokens the predictor already put in the cache
+    compensation: Optional[object] = None  # predictors.Compensation: folded into a bias
+    compensation: Optional[object] = None  # predictors.Compensation: folded into a bias
     expected_kl: Optional[float] = None  # calibrated KL to the dense model at this keep
     max_kl: Optional[float] = None  # the quality target the keep was chosen for (keep="auto")
     extra: dict = field(default_factory=dict)
+
+    @property
+    def compensated(self) -> bool:
+        """Whether the dropped units' mean output is folded into a per-prompt bias."""
+        return self.compensation is not None
 
     @property
     def kept(self) -> List[int]:
@@ -237,6 +244,8 @@ class IFPMixin:
             for m in mods
             for a in _arrays(m)
         ]
+        if selection.compensation is not None:
+            fresh += self._compensate(compact, selection)
         mx.eval(fresh)
         selection.materialize_ms = (time.perf_counter() - tic) * 1e3
         selection.bytes = sum(a.nbytes for a in fresh)
@@ -289,7 +298,25 @@ class IFPMixin:
         sel = Selection(indices, units, pred.name, score_ms, select_ms, prefilled=result.prefilled)
         sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
         sel.score_bytes_read = store.bytes_read - read0
+        sel.compensation = result.compensation
         return self.apply_selection(sel)
+
+    @staticmethod
+    def _compensate(compact: list, selection: Selection) -> List[mx.array]:
+        """Fold each layer's dropped units' mean output over the prompt into its compact
+        ``down_proj``'s bias: bias += mean dense output − compact(mean kept activations).
+        A layer kept whole (possibly the resident module itself) is never touched."""
+        comp, biases = selection.compensation, []
+        for i, (mods, idx) in enumerate(zip(compact, selection.indices)):
+            if len(idx) == selection.units[i]:
+                continue
+            down = mods[2]
+            kept = comp.unit_means[i][mx.array(idx)]
+            dtype = down["scales"].dtype if "scales" in down else down["weight"].dtype
+            delta = comp.output_means[i] - down(kept[None].astype(dtype))[0].astype(mx.float32)
+            down.bias = (down["bias"] + delta if "bias" in down else delta).astype(dtype)
+            biases.append(down.bias)
+        return biases
 
     @property
     def default_predictor(self) -> str:

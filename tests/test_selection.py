@@ -9,6 +9,7 @@ import ifp_mlx
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError
 from ifp_mlx.model import UnitLinear, dequantize, find_ffns, tap_ffns
+from ifp_mlx.predictors.activation import ActivationPredictor
 from ifp_mlx.selection import Selection, budget_units, top_units
 from tests.helpers import make_tiny_hf
 
@@ -53,12 +54,42 @@ def test_keep_one_is_dense_bit_for_bit(tiny):
 def test_sliced_equals_masked_dense(tiny, keep):
     model, _ = tiny
     sel = model.select(TOKENS, keep=keep)
+    assert not sel.compensated
     sliced = logits(model)
     model.dense()
     with tap_ffns(model, record=False, masks=masks_for(sel)):
         masked = logits(model)
     assert mx.abs(sliced - masked).max().item() <= 1e-4
     assert not mx.allclose(masked, logits(model), atol=1e-3).item()  # pruning did something
+
+
+def test_compensation_bias_is_the_dropped_units_mean_output(tiny):
+    """bias_l = mean over the prompt (all but its last token: the scoring prefill) of
+    Σ_dropped h_i · down_i, computed here from a plain dense pass with taps."""
+    model, _ = tiny
+    model.dense()
+    dense = logits(model)
+    with tap_ffns(model) as records:
+        model(mx.array(TOKENS[:-1])[None])
+    downs = [full_down(m.down_proj) for _, m in find_ffns(model)]
+    sel = model.select(TOKENS, keep=0.5, predictor=ActivationPredictor(compensate=True))
+    assert sel.compensated
+    compensated = logits(model)
+    for i, mlp in enumerate(model._ifp_mlps):
+        h = records[i][0][0].astype(mx.float32)  # (T, units)
+        drop = mx.array(np.setdiff1d(np.arange(sel.units[i]), sel.indices[i]))
+        want = h[:, drop].mean(0) @ downs[i][drop]
+        assert mx.allclose(mlp.down_proj.bias, want, atol=1e-4 * (1 + mx.abs(want).max().item()))
+    plain = model.select(TOKENS, keep=0.5)  # off by default
+    assert not mx.allclose(logits(model), compensated, atol=1e-4).item()
+    assert all("bias" not in m.down_proj for m in model._ifp_mlps) and not plain.compensated
+    model.dense()
+    assert mx.array_equal(logits(model), dense).item()  # the resident units never changed
+
+
+def full_down(down) -> mx.array:
+    """A full unit-major down projection's weights (dequantized)."""
+    return (down.dequantized() if hasattr(down, "dequantized") else down).weight
 
 
 def test_selection_is_deterministic(tiny):

@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import ifp_mlx
+from ifp_mlx.predictors.activation import ActivationPredictor
 from ifp_mlx import store as store_mod
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError
@@ -59,6 +60,10 @@ def test_flash_equals_memory_bit_for_bit(folder):
         assert all(np.array_equal(a, b) for a, b in zip(sel.indices, got.indices))
         assert mx.array_equal(run(flash), run(memory)).item()
         assert ffn_param_bytes(flash) == got.bytes == sel.bytes  # only the compact copy
+    comp = ActivationPredictor(compensate=True)  # its bias from the streamed dense pass
+    sel, got = memory.select(TOKENS, 0.5, comp), flash.select(TOKENS, 0.5, comp)
+    assert sel.compensated and got.compensated
+    assert mx.array_equal(run(flash), run(memory)).item()
     flash.dense()
     assert mx.array_equal(run(flash), dense).item()
 

@@ -23,6 +23,7 @@ from ..predictors.activation import ActivationPredictor
 from ..selection import Budget, check_keep, is_dense
 
 Prepared = Tuple[list, int]  # (KV cache, prompt tokens already in it)
+COMP = "ifp-activation-comp"  # with the dropped units' compensation bias (ablation)
 
 
 @dataclass
@@ -94,7 +95,9 @@ class Method:
         self._static: Optional[List[mx.array]] = None
         self.timings: List[Tuple[float, float]] = []  # (select ms, materialize ms) per prompt
         self.masks: list = []  # each prompt's selection as a 0/1 unit mask
-        if name.startswith("ifp-") and name not in ("ifp-searched",):
+        if name == COMP:
+            self.predictor_name = "activation"
+        elif name.startswith("ifp-") and name not in ("ifp-searched",):
             self.predictor_name = name[4:]
             if self.predictor_name not in available():
                 raise IFPError(f"unknown method {name!r}: no predictor {self.predictor_name!r}")
@@ -103,7 +106,7 @@ class Method:
 
     @property
     def prefill(self) -> str:
-        return "dense" if self.name in ("dense", "oracle", "ifp-activation") else "pruned"
+        return "dense" if self.name in ("dense", "oracle", "ifp-activation", COMP) else "pruned"
 
     def predictor(self, prompt: List[int], answer: List[int]):
         """The predictor this method selects with for one (prompt, reference answer)."""
@@ -113,6 +116,8 @@ class Method:
             return FixedPredictor(self._static)
         if self.name == "oracle":
             return OraclePredictor(answer)
+        if self.name == COMP:
+            return ActivationPredictor(compensate=True)
         if self.name == "ifp-searched":
             return (
                 self.model.__dict__["_ifp_config"]
@@ -152,7 +157,7 @@ def method_names(model: Optional[nn.Module] = None) -> List[str]:
 
 
 def check_methods(names: Sequence[str]) -> None:
-    known = set(method_names())
+    known = set(method_names()) | {COMP}
     for n in names:
         if n not in known:
             raise IFPError(f"unknown method {n!r} (have: {', '.join(method_names())})")

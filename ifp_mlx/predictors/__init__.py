@@ -15,9 +15,20 @@ from ..errors import IFPError
 
 
 @dataclass
+class Compensation:
+    """What the dense FFNs did over the prompt, per layer: each unit's mean activation and the
+    layer's mean output. The dropped units' mean contribution (their share of the output) is
+    folded into the compact down projection's bias: free at decode."""
+
+    unit_means: List[mx.array]  # (units,) mean of act(gate)·up over the prompt tokens
+    output_means: List[mx.array]  # (hidden,) mean of the dense FFN output
+
+
+@dataclass
 class Scores:
     scores: List[mx.array]  # one (units,) array per FFN layer
     prefilled: int = 0  # prompt tokens already written to the cache (densely)
+    compensation: Optional[Compensation] = None  # set by predictors that ran the dense FFNs
 
 
 class Predictor(Protocol):
