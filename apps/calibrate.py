@@ -15,6 +15,9 @@ def main(argv=None) -> None:
     p.add_argument("--keeps", type=_floats, help="comma list (default 0.2, 0.25, ..., 1)")
     p.add_argument("--n-prompts", type=int, help="calibration prompts (default 32)")
     p.add_argument("--tokens", type=int, help="dense answer tokens per prompt (default 48)")
+    p.add_argument("--protect", metavar="FIRST,LAST",
+                   help="keep the first/last FFN layers whole (a keep is then the mean keep); "
+                   "stored in the folder, calibrated with it. 0,0 removes it")  # fmt: skip
     p.add_argument("--default-max-kl", type=float,
                    help="also make this KL target the folder's default (keep=None)")  # fmt: skip
     args = p.parse_args(argv)
@@ -25,22 +28,36 @@ def main(argv=None) -> None:
 def run(args) -> None:
     from .. import load
     from ..bundled import default_model
-    from ..calibrate import CalibrationConfig, calibrate, check_max_kl, curves
+    from ..calibrate import CalibrationConfig, calibrate, check_max_kl, check_protect, curves
     from ..loading import set_ifp_entries
     from ..predictors import get_predictor
 
-    kw = {k: getattr(args, k) for k in ("keeps", "n_prompts", "tokens") if getattr(args, k)}
+    kw = {
+        k: getattr(args, k)
+        for k in ("keeps", "n_prompts", "tokens")
+        if getattr(args, k) is not None
+    }
     cfg = CalibrationConfig(**kw)
     cfg.check()  # before the slow model load
     if args.predictor is not None:
         get_predictor(args.predictor)
     if args.default_max_kl is not None:
         check_max_kl(args.default_max_kl)
+    protect = None
+    if args.protect is not None:
+        protect = list(check_protect(args.protect.split(","), 10**9))
     folder = args.model or default_model()
     model, tokenizer = load(folder)
+    entries = {}
+    if protect is not None:
+        check_protect(protect, len(model.ffn_units))
+        if protect != model._ifp_config.get("protect", [0, 0]):  # a new shape: old curves go
+            model._ifp_config.pop("calibration", None)
+            entries["calibration"] = None
+        model._ifp_config["protect"] = entries["protect"] = protect if any(protect) else None
     predictor = args.predictor or model.default_predictor
     curve = calibrate(model, tokenizer, predictor, cfg)
-    entries = {"calibration": {**curves(model._ifp_config), predictor: curve.to_dict()}}
+    entries["calibration"] = {**curves(model._ifp_config), predictor: curve.to_dict()}
     if args.default_max_kl is not None:
         entries["default_max_kl"] = args.default_max_kl
     set_ifp_entries(folder, **entries)

@@ -9,11 +9,12 @@ within T (linear between measured keeps), and the stats line reports the expecte
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .errors import IFPError
+from .selection import check_keep
 
 DEFAULT_MAX_KL = 0.5  # keep="auto" without a target (and the default of calibrated folders)
 SPLIT = "calib"
@@ -32,8 +33,6 @@ class CalibrationConfig:
     dequantize: bool = True  # float copies of quantized weights: same values, fast on CPU
 
     def check(self) -> None:
-        from .selection import check_keep
-
         if len(self.keeps) < 2:
             raise IFPError("calibration needs at least two keeps")
         for k in self.keeps:
@@ -89,6 +88,35 @@ class Curve:
         k0, k1, v0, v1 = keeps[i - 1], keeps[i], kl[i - 1], kl[i]
         t = (v0 - max_kl) / (v0 - v1) if v0 > v1 else 1.0
         return float(min(1.0, k0 + t * (k1 - k0)))
+
+
+def check_protect(protect, layers: int) -> Tuple[int, int]:
+    """``(first, last)``: FFN layers always kept whole (``ifp.protect``)."""
+    try:
+        first, last = (int(v) for v in protect)
+    except (TypeError, ValueError):
+        raise IFPError(f"protect must be two layer counts (first, last), not {protect!r}")
+    if first < 0 or last < 0 or first + last >= layers:
+        raise IFPError(
+            f"protect {first},{last} must leave some of the {layers} FFN layers to prune"
+        )
+    return first, last
+
+
+def protected_budget(keep: float, protect, layers: int) -> Union[float, List[float]]:
+    """A mean keep as a per-layer budget whose first/last layers are kept whole.
+
+    The first and last FFN layers of a small model matter most to what it answers (measured on
+    SmolLM2 with the activation predictor: first 2 + last 2 whole at a mean keep of 0.6 gave a
+    held-out KL of 0.89 instead of 1.43), so a folder may protect them; the rest share what is
+    left of the mean (at least 1 %).
+    """
+    if protect is None or keep >= 1.0:
+        return keep
+    first, last = check_protect(protect, layers)
+    rest = layers - first - last
+    inner = min(1.0, max(0.01, (keep * layers - first - last) / rest))
+    return [1.0] * first + [inner] * rest + [1.0] * last
 
 
 def check_max_kl(max_kl) -> float:
@@ -152,6 +180,7 @@ class Choice:
     predictor: object  # a registered name or a predictor object
     expected_kl: Optional[float] = None  # calibrated KL at this keep (None: not calibrated)
     max_kl: Optional[float] = None  # the quality target it was chosen for (keep="auto")
+    mean: Optional[float] = None  # the mean keep a protected per-layer budget stands for
 
 
 def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
@@ -160,7 +189,8 @@ def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
     ``keep``: a fraction, a per-layer list, ``"auto"`` (smallest calibrated keep within
     ``max_kl``), or None: the folder's searched budget, else ``"auto"`` when the folder is
     calibrated for this predictor (at its ``ifp.default_max_kl``, else ``DEFAULT_MAX_KL``), else
-    0.5. ``max_kl`` alone means ``keep="auto"``.
+    0.5. ``max_kl`` alone means ``keep="auto"``. A fraction is the *mean* keep: a folder with
+    ``ifp.protect`` keeps its first/last FFN layers whole (``protected_budget``).
     """
     predictor = model.default_predictor if predictor is None else predictor
     name = predictor if isinstance(predictor, str) else None
@@ -171,11 +201,12 @@ def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
         if keep not in (None, "auto"):
             raise IFPError("max_kl chooses the keep itself: pass keep='auto' (or no keep)")
         keep = "auto"
+    layers, protect = len(model.ffn_units), ifp.get("protect")
     if keep is None:
         if ifp.get("budget"):
             return Choice(ifp["budget"], predictor)
         if curve is None:
-            return Choice(0.5, predictor)
+            return Choice(protected_budget(0.5, protect, layers), predictor, mean=0.5)
         keep = "auto"
     if isinstance(keep, str):
         if keep != "auto":
@@ -194,8 +225,10 @@ def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
             else check_max_kl(ifp.get("default_max_kl", DEFAULT_MAX_KL))
         )
         chosen = curve.keep_for(target)
-        return Choice(chosen, predictor, curve.expected_kl(chosen), target)
-    expected = None
-    if curve is not None and isinstance(keep, (int, float)):
-        expected = curve.expected_kl(float(keep))
-    return Choice(keep, predictor, expected)
+        budget = protected_budget(chosen, protect, layers)
+        return Choice(budget, predictor, curve.expected_kl(chosen), target, chosen)
+    if not isinstance(keep, (int, float)):
+        return Choice(keep, predictor)  # an explicit per-layer list is used as given
+    keep = check_keep(keep)
+    expected = curve.expected_kl(keep) if curve is not None else None
+    return Choice(protected_budget(keep, protect, layers), predictor, expected, None, keep)

@@ -58,9 +58,13 @@ class Conversation:
     def describe(self) -> str:
         """``keep 0.62 (auto for KL ≤ 0.5, expected KL 0.50)`` — the banner's budget part."""
         c = self.choice
-        keep = f"{c.keep:.2f}" if isinstance(c.keep, float) else str(c.keep)
-        if isinstance(c.keep, list):
+        if c.mean is not None:
+            keep = f"{c.mean:.2f}"
+        else:  # a per-layer budget as given
             keep = f"per-layer budget (mean {sum(c.keep) / len(c.keep):.2f})"
+        protect = self.model.__dict__.get("_ifp_config", {}).get("protect")
+        if protect and isinstance(c.keep, list) and c.mean is not None:
+            keep += f", first {protect[0]} + last {protect[1]} layers whole"
         notes = [f"auto for KL ≤ {c.max_kl:g}"] if c.max_kl is not None else []
         if c.expected_kl is not None and not is_dense(c.keep):
             notes.append(f"expected KL {c.expected_kl:.2f}")

@@ -193,7 +193,9 @@ class tap_ffns:
     ``reduce(input)``: a predictor that only needs a per-unit summary keeps no activations).
     With ``outputs=True``, ``self.outputs[l]`` gets each call's output summed over tokens."""
 
-    def __init__(self, model: nn.Module, record: bool = True, masks=None, reduce=None, outputs=False):
+    def __init__(
+        self, model: nn.Module, record: bool = True, masks=None, reduce=None, outputs=False
+    ):
         self.ffns = [m for _, m in find_ffns(model)]
         self.record = record
         self.masks = masks

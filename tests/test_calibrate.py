@@ -135,3 +135,60 @@ def test_chat_banner_and_commands(calibrated):
         command(conv, "/max-kl zero", None)
     resp = list(conv.ask("w6 w7", max_tokens=2))[-1]
     assert resp.ifp.keep == pytest.approx(0.75, abs=0.02)
+
+
+def test_protected_layers_turn_a_mean_keep_into_a_budget():
+    from ifp_mlx.calibrate import protected_budget
+
+    assert protected_budget(0.6, [2, 2], 30) == [1.0] * 2 + [(18 - 4) / 26] * 26 + [1.0] * 2
+    assert protected_budget(0.05, [2, 2], 30)[5] == 0.01  # the rest never drops below 1 %
+    assert protected_budget(1.0, [2, 2], 30) == 1.0 and protected_budget(0.5, None, 30) == 0.5
+    for bad in ([30, 0], [-1, 2], ["a", 1], 3):
+        with pytest.raises(IFPError, match="protect"):
+            protected_budget(0.5, bad, 30)
+
+
+def test_a_protected_folder_keeps_those_layers_whole(calibrated):
+    set_ifp_entries(calibrated, protect=[1, 0])
+    try:
+        model, tok = ifp_mlx.load(calibrated)
+        sel = model.select([5, 6, 7, 8], keep=0.75)
+        assert sel.kept[0] == sel.units[0] and sel.keep == pytest.approx(0.75, abs=0.02)
+        assert sel.expected_kl == pytest.approx(0.4)  # the curve is over mean keeps
+        sel = model.select([5, 6, 7, 8], max_kl=1.0)
+        assert sel.kept[0] == sel.units[0] and sel.keep == pytest.approx(0.5, abs=0.02)
+        with pytest.raises(IFPError, match="keep must be in"):
+            model.select([5, 6], keep=1.5)
+        from ifp_mlx.chat import Conversation
+
+        assert "first 1 + last 0 layers whole" in Conversation(model, tok, 0.75).describe()
+    finally:
+        set_ifp_entries(calibrated, protect=None)
+
+
+def test_ifp_calibrate_measures_and_stores_the_curve(folder, capsys):
+    """End to end on the tiny model and the real calibration split: the stored curve is what
+    ``calibrate`` measures (KL 0 and agreement 1 at keep 1, pruned keeps differ from dense)."""
+    from ifp_mlx.apps import calibrate as cli
+    from ifp_mlx.errors import read_json
+
+    try:
+        cli.main(["--model", str(folder), "--keeps", "0.25,0.5", "--n-prompts", "3",
+                  "--tokens", "6", "--protect", "1,0", "--default-max-kl", "0.3"])  # fmt: skip
+        ifp = read_json(folder / "config.json")["ifp"]
+        curve = Curve.from_dict(ifp["calibration"]["activation"])
+        assert curve.keeps == [0.25, 0.5, 1.0] and curve.split == "calib"
+        assert curve.kl[-1] == 0.0 and curve.agree[-1] == 1.0
+        assert min(curve.kl[:2]) > 0 and curve.agree[0] < 1  # a random tiny model: no trend
+        assert curve.prompts == 3 and len(curve.ids) == 3
+        assert ifp["protect"] == [1, 0] and ifp["default_max_kl"] == 0.3
+        out = capsys.readouterr().out
+        assert "--max-kl 0.5: keep" in out and str(folder.parent) not in out
+        for flags, msg in ((["--keeps", "0.5"], "at least two keeps"),
+                           (["--protect", "2,0"], "must leave some"),
+                           (["--n-prompts", "0"], "must be positive")):  # fmt: skip
+            with pytest.raises(SystemExit):
+                cli.main(["--model", str(folder)] + flags)
+            assert msg in capsys.readouterr().err
+    finally:
+        set_ifp_entries(folder, calibration=None, protect=None, default_max_kl=None)

@@ -11,11 +11,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 import ifp_mlx
-from ifp_mlx.predictors.activation import ActivationPredictor
 from ifp_mlx import store as store_mod
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError
 from ifp_mlx.model import find_ffns
+from ifp_mlx.predictors.activation import ActivationPredictor
 from ifp_mlx.selection import Selection
 from tests.helpers import make_tiny_hf, read_config
 

@@ -55,7 +55,11 @@ class ActivationPredictor:
                 part = [[r.pop()] for r in records]
                 if comp:
                     part = [p + [o.pop()] for p, o in zip(part, tap.outputs)]
-                sums = part if sums is None else [[a + b for a, b in zip(*ab)] for ab in zip(sums, part)]
+                sums = (
+                    part
+                    if sums is None
+                    else [[a + b for a, b in zip(*ab)] for ab in zip(sums, part)]
+                )
                 mx.eval(sums, [c.state for c in cache] if cache else [])
         prefilled = len(body) if cache is not None else 0
         if not comp:
