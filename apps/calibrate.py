@@ -10,7 +10,7 @@ from .eval import _floats
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-calibrate", description=__doc__)
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
     p.add_argument("--predictor", help="activation | learned (default: the folder's default)")
     p.add_argument("--keeps", type=_floats, help="comma list (default 0.2, 0.25, ..., 1)")
     p.add_argument("--n-prompts", type=int, help="calibration prompts (default 32)")

@@ -20,7 +20,7 @@ def keep_arg(text: str):
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
     p.add_argument(
         "--keep",
         type=keep_arg,
@@ -60,7 +60,7 @@ def model_name(folder) -> str:
     """The model as outputs name it: its folder's name, never a path of this machine."""
     from pathlib import Path
 
-    return Path(folder).resolve().name if folder else "bundled SmolLM2-135M-Instruct 4-bit"
+    return Path(folder).resolve().name if folder else "bundled SmolLM2-135M-Instruct 8-bit"
 
 
 def sampler_from(args):

@@ -33,10 +33,12 @@ def main(argv=None) -> None:
     from ..eval.runner import METRICS
 
     p = argparse.ArgumentParser(prog="ifp-eval", description=__doc__)
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
     p.add_argument("--methods", type=_names, help="comma list (default: all available)")
     p.add_argument("--metrics", type=_names, help=f"comma list of {', '.join(METRICS)}")
     p.add_argument("--keeps", type=_floats, help="comma list (default 1,0.75,0.5,0.33,0.25)")
+    p.add_argument("--max-kls", type=_floats,
+                   help="also rows at keep auto for these KL targets (needs ifp-calibrate)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few-minute smoke run")
     p.add_argument("--dequantize", action="store_true",
                    help="quality metrics on float copies of quantized weights (same values; "
@@ -60,7 +62,7 @@ def run(args) -> None:
     from ..eval.runner import EvalConfig, check_config, evaluate
 
     kw = {"seed": args.seed, "dequantize": args.dequantize}
-    for flag in ("methods", "metrics", "keeps", "n_chat", "n_fidelity", "n_humaneval",
+    for flag in ("methods", "metrics", "keeps", "max_kls", "n_chat", "n_fidelity", "n_humaneval",
                  "mmlu_limit", "n_text"):  # fmt: skip
         if getattr(args, flag) is not None:
             kw[flag] = getattr(args, flag)
@@ -94,7 +96,8 @@ def print_table(result: dict) -> None:
         if r.get("same_as"):
             continue
         cells = " ".join(f.format(r[k]) if k in r else " " * len(f.format(0.0)) for k, _, f in cols)
-        print(f"{r['method']:>15} {r['keep']:5.2f} {cells}")
+        auto = f"  auto, target KL {r['max_kl']:g}" if "max_kl" in r else ""
+        print(f"{r['method']:>15} {r['keep']:5.2f} {cells}{auto}")
     if "dense_prefill_ms" in result:
         print(f"dense prefill of the chat prompts: {result['dense_prefill_ms']:.1f} ms (mean)")
     s = result.get("speed")

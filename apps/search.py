@@ -9,7 +9,7 @@ from ..errors import cli_errors, write_json
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-search", description=__doc__)
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 4-bit)")
+    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
     p.add_argument("--method", help="static | ifp-activation | ifp-learned (default activation)")
     for flag, typ in (("keep", float), ("low", float), ("high", float), ("samples", int),
                       ("rank", int), ("top", int), ("n-calib", int), ("seed", int)):  # fmt: skip

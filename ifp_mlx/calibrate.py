@@ -190,12 +190,17 @@ def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
     ``max_kl``), or None: the folder's searched budget, else ``"auto"`` when the folder is
     calibrated for this predictor (at its ``ifp.default_max_kl``, else ``DEFAULT_MAX_KL``), else
     0.5. ``max_kl`` alone means ``keep="auto"``. A fraction is the *mean* keep: a folder with
-    ``ifp.protect`` keeps its first/last FFN layers whole (``protected_budget``).
+    ``ifp.protect`` keeps its first/last FFN layers whole (``protected_budget``); with
+    ``ifp.compensate`` the activation predictor folds the dropped units' mean output into a bias.
     """
     predictor = model.default_predictor if predictor is None else predictor
     name = predictor if isinstance(predictor, str) else None
     curve = curve_of(model, name) if name else None
     ifp = model.__dict__.get("_ifp_config", {})
+    if name == "activation" and ifp.get("compensate"):  # the folder measured it a win
+        from .predictors.activation import ActivationPredictor
+
+        predictor = ActivationPredictor(compensate=True)
     if max_kl is not None:
         max_kl = check_max_kl(max_kl)
         if keep not in (None, "auto"):

@@ -320,8 +320,12 @@ class IFPMixin:
 
     @property
     def default_predictor(self) -> str:
-        """The folder's learned predictor when it has one (the paper's method), else the
-        training-free activation predictor."""
+        """The folder's chosen ``ifp.default_predictor`` (set where it was measured best), else
+        its learned predictor when it has one (the paper's method), else the training-free
+        activation predictor."""
+        ifp = self.__dict__.get("_ifp_config", {})
+        if ifp.get("default_predictor"):
+            return ifp["default_predictor"]
         return "learned" if self.__dict__.get("_ifp_predictor") is not None else "activation"
 
     @property

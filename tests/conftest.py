@@ -50,13 +50,23 @@ def smol_f32(smol_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_q4(smol_gguf, tmp_path_factory) -> Path:
-    """The default model, converted on first use exactly as ``ifp-chat`` does it."""
+    """The bundled model at 4-bit, converted on first use exactly as ``ifp-chat`` does it."""
+    return _bundled(tmp_path_factory, 4)
+
+
+@pytest.fixture(scope="session")
+def smol_default(smol_gguf, tmp_path_factory) -> Path:
+    """The default model (8-bit, with its shipped settings), as ``ifp-chat`` converts it."""
+    return _bundled(tmp_path_factory, None)
+
+
+def _bundled(tmp_path_factory, bits) -> Path:
     from ifp_mlx import bundled
 
     old = os.environ.get("IFP_MLX_HOME")
     os.environ["IFP_MLX_HOME"] = str(_cache_root(tmp_path_factory) / "home")
     try:
-        return bundled.default_model()
+        return bundled.default_model() if bits is None else bundled.default_model(bits)
     finally:
         if old is None:
             os.environ.pop("IFP_MLX_HOME")

@@ -192,3 +192,23 @@ def test_ifp_calibrate_measures_and_stores_the_curve(folder, capsys):
             assert msg in capsys.readouterr().err
     finally:
         set_ifp_entries(folder, calibration=None, protect=None, default_max_kl=None)
+
+
+def test_eval_rows_at_keep_auto(calibrated, tmp_path):
+    """``ifp-eval --max-kls``: one row per target at the keep the calibration picks."""
+    import json
+
+    from ifp_mlx.apps import eval as eval_app
+
+    eval_app.main(["--model", str(calibrated), "--quick", "--methods", "dense,ifp-activation",
+                   "--metrics", "fidelity", "--keeps", "1,0.5", "--max-kls", "0.4,1",
+                   "--out", str(tmp_path), "--no-plots"])  # fmt: skip
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    auto = {r["max_kl"]: r for r in rows if "max_kl" in r}
+    assert set(auto) == {0.4, 1.0} and auto[1.0]["keep"] == pytest.approx(0.5)
+    assert auto[0.4]["keep"] == pytest.approx(0.75) and auto[0.4]["expected_kl"] == 0.4
+    assert all("fidelity_kl" in r for r in auto.values())
+    with pytest.raises(SystemExit):  # a folder without calibration
+        set_ifp_entries(calibrated, calibration=None)
+        eval_app.main(["--model", str(calibrated), "--quick", "--max-kls", "1",
+                       "--out", str(tmp_path)])  # fmt: skip

@@ -118,13 +118,13 @@ def test_bundled_cache_from_an_older_format_is_reconverted(smol_q4, tmp_path, mo
 
     from ifp_mlx import bundled
 
-    old = tmp_path / "home" / "models" / bundled.DEFAULT_NAME
+    old = tmp_path / "home" / "models" / bundled.folder_name(4)
     shutil.copytree(smol_q4, old)
     config = json.loads((old / "config.json").read_text())
     config["ifp"].update(format_version=1, budget=[0.4] * 30)
     (old / "config.json").write_text(json.dumps(config))
     monkeypatch.setenv("IFP_MLX_HOME", str(tmp_path / "home"))
-    assert bundled.default_model() == old
+    assert bundled.default_model(4) == old
     ifp = json.loads((old / "config.json").read_text())["ifp"]
     assert ifp["format_version"] == 2 and ifp["budget"] == [0.4] * 30 and ifp["predictor"]
     model, _ = ifp_mlx.load(old, ffn_store="flash")

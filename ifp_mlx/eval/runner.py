@@ -16,6 +16,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
+from ..calibrate import check_max_kl
 from ..errors import IFPError
 from ..model import dequantize
 from ..selection import mask_diversity
@@ -40,6 +41,7 @@ class EvalConfig:
     methods: Optional[List[str]] = None  # None: every method available for the model
     metrics: List[str] = field(default_factory=lambda: list(METRICS))
     keeps: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.33, 0.25])
+    max_kls: List[float] = field(default_factory=list)  # keep="auto" rows (calibrated folders)
     n_chat: int = 24
     max_prompt: int = 192
     max_answer: int = 96
@@ -76,6 +78,8 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.methods is not None:
         check_methods(cfg.methods)
     check_keeps(cfg.keeps)
+    for t in cfg.max_kls:
+        check_max_kl(t)
 
 
 def _commit() -> str:
@@ -196,12 +200,13 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
 
     rows = []
     # The dense model is the reference, measured once; the others at every keep below 1.
-    jobs = [(1.0, "dense")]
-    jobs += [(k, m) for k in keeps if k < 1.0 for m in methods if m != "dense"]
+    jobs = [(1.0, "dense", None)]
+    jobs += [(k, m, None) for k in keeps if k < 1.0 for m in methods if m != "dense"]
+    jobs += auto_jobs(model, methods, cfg.max_kls)
     bar = tqdm(total=len(jobs) * len(work), desc="ifp-eval", disable=not progress)
-    for keep, name in jobs:
+    for keep, name, auto in jobs:
         method = objs[name]
-        row = {"method": name, "keep": keep, "prefill": method.prefill}
+        row = {"method": name, "keep": keep, "prefill": method.prefill, **(auto or {})}
         for metric, items in work.items():
             bar.set_postfix_str(f"{name} keep={keep} {metric}")
             row.update(_measure(metric, method, items, keep, suite, tokenizer, cfg))
@@ -224,6 +229,22 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
     out["results"] = sorted(rows, key=lambda r: (order[r["method"]], -r["keep"]))
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def auto_jobs(model, methods, max_kls) -> list:
+    """``keep="auto"`` rows: for each quality target, the mean keep the folder's calibration
+    (made on the calib split) picks, so the row's held-out KL can be checked against it."""
+    from ..calibrate import curve_of
+
+    jobs = []
+    for name in methods if max_kls else []:
+        curve = curve_of(model, name[4:]) if name.startswith("ifp-") else None
+        for t in max_kls if curve is not None else []:
+            keep = curve.keep_for(t)
+            jobs.append((keep, name, {"max_kl": t, "expected_kl": curve.expected_kl(keep)}))
+    if max_kls and not jobs:
+        raise IFPError("--max-kls needs a calibrated folder and method (run ifp-calibrate)")
+    return jobs
 
 
 def prefill_ms(model, prompts) -> float:
