@@ -129,3 +129,22 @@ def test_bundled_cache_from_an_older_format_is_reconverted(smol_q4, tmp_path, mo
     assert ifp["format_version"] == 2 and ifp["budget"] == [0.4] * 30 and ifp["predictor"]
     model, _ = ifp_mlx.load(old, ffn_store="flash")
     assert model.default_keep == [0.4] * 30 and model.default_predictor == "learned"
+
+
+@pytest.mark.real
+def test_the_default_names_paris_pruned(smol_default):
+    """The bundled default, no options: 8-bit, activation predictor with compensation, first 4
+    and last 4 FFN layers whole, keep auto for the shipped quality target (README, "Choosing
+    the default"). It prunes (mean keep ≤ 0.7) and still answers the canonical question."""
+    from ifp_mlx.calibrate import curve_of
+
+    model, tok = ifp_mlx.load(smol_default)
+    text = ifp_mlx.generate(model, tok, "What is the capital of France?", max_tokens=24)
+    sel = model.selection
+    assert "Paris" in text, text
+    assert sel.keep <= 0.7 and sel.predictor == "activation" and sel.compensated
+    assert sel.kept[:4] == sel.units[:4] and sel.kept[-4:] == sel.units[-4:]
+    assert sel.max_kl == 0.75 and sel.expected_kl == pytest.approx(0.75, abs=1e-6)
+    assert curve_of(model, "activation").split == "calib"
+    model.dense()
+    assert "Paris" in ifp_mlx.generate(model, tok, "What is the capital of France?", 1.0)
