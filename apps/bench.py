@@ -23,7 +23,10 @@ def main(argv=None) -> None:
     s.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.33])
     s.add_argument("--prompt-tokens", type=int, default=1024)
     s.add_argument("--decode-tokens", type=int, default=64)
-    s.add_argument("--predictor", help="default: the model's (learned if trained, else activation)")
+    s.add_argument(
+        "--predictor",
+        help="default: the folder's (ifp.default_predictor, else learned if trained, else activation)",
+    )
     s.add_argument("--json", default="results/bench-speed.json")
     add_store_flag(s)
     pol = sub.add_parser("policy", help="multi-turn policies: first-turn vs per-turn")
@@ -38,7 +41,10 @@ def main(argv=None) -> None:
     m.add_argument("--max-tokens", type=int, default=32, help="tokens per one-shot answer")
     m.add_argument("--decode-tokens", type=int, default=32)
     m.add_argument("--rounds", type=int, default=3)
-    m.add_argument("--predictor", help="default: the model's (learned if trained, else activation)")
+    m.add_argument(
+        "--predictor",
+        help="default: the folder's (ifp.default_predictor, else learned if trained, else activation)",
+    )
     m.add_argument("--json", default="results/bench-memory.json")
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):

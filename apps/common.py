@@ -36,8 +36,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="quality target for --keep auto: the expected KL (nats per token) to the dense "
         "model's answers, from the folder's calibration (ifp-calibrate); implies --keep auto",
     )
-    p.add_argument("--predictor", help="activation | learned (default: learned when the model "
-                   "folder has a trained predictor, else activation)")  # fmt: skip
+    p.add_argument("--predictor", help="activation | learned (default: the folder's chosen one, "
+                   "else learned when it has a trained predictor, else activation)")  # fmt: skip
     p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
     add_store_flag(p)
     p.add_argument("--max-tokens", type=int, default=512)
