@@ -166,6 +166,10 @@ def test_bad_options(tiny_bin, tmp_path, capsys):
     assert "no such file" in run_cli(capsys, tmp_path / "nope", tmp_path / "out")
     with pytest.raises(core.IFPError, match="q-group-size"):
         core.convert(tiny_bin, tmp_path / "out", quantize=True, q_group_size=48)
+    for kw in ({"q_down_bits": 8}, {"quantize": True, "q_down_bits": 3}):
+        with pytest.raises(core.IFPError, match="--q-down-bits needs -q and must be 4 or 8"):
+            core.convert(tiny_bin, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
 
 
 def test_python_m_entry_point(tmp_path):

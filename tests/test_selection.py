@@ -16,13 +16,20 @@ from tests.helpers import make_tiny_hf
 TOKENS = [5, 17, 40, 9, 33, 70, 12, 88, 41, 6, 23, 54]
 
 
-@pytest.fixture(scope="module", params=["float32", "q4"])
+@pytest.fixture(scope="module", params=["float32", "q4", "q4-down8"])
 def tiny(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("sel")
     src = make_tiny_hf("llama", root / "hf", seed=7)
-    q = request.param == "q4"
-    convert(src, root / "m", quantize=q, q_bits=4, q_group_size=32, progress=False)
-    return ifp_mlx.load(root / "m")
+    q = request.param != "float32"
+    down = 8 if request.param == "q4-down8" else None
+    convert(
+        src, root / "m", quantize=q, q_bits=4, q_group_size=32, q_down_bits=down, progress=False
+    )
+    model, tok = ifp_mlx.load(root / "m")
+    if down:  # 8-bit down projections beside 4-bit gate/up, in the unit file and the model
+        mlp = find_ffns(model)[0][1]
+        assert (mlp.gate_proj.bits, mlp.down_proj.bits) == (4, 8)
+    return model, tok
 
 
 def logits(model, tokens=TOKENS):
