@@ -69,7 +69,8 @@ class IFPStats:
     max_kl: Optional[float] = None  # the target the keep was chosen for (keep="auto")
 
     def quality(self) -> str:
-        """``kept 62% (learned, auto ≤ 0.5: KL ≈ 0.48)``: the keep in use and what it costs."""
+        """``kept 68% (activation, auto for KL ≤ 0.75, expected KL 0.75)``: the keep in use and
+        what it costs in quality (from the folder's calibration)."""
         text = f"kept {100 * self.keep:.0f}% ({self.predictor}"
         if self.max_kl is not None:
             text += f", auto for KL ≤ {self.max_kl:g}"
