@@ -140,8 +140,7 @@ def stream_generate(
     if is_dense(choice.keep):
         model.dense()
     elif reselect or model.selection is None:
-        sel: Selection = model.select(tokens, choice.keep, choice.predictor, cache=cache)
-        sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
+        sel: Selection = model.select(tokens, keep, predictor, cache=cache, max_kl=max_kl)
         stats.score_prefill_ms = sel.score_ms
         stats.select_ms = sel.select_ms
         stats.materialize_ms = sel.materialize_ms

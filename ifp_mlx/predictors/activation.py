@@ -33,6 +33,10 @@ def _summaries(x: mx.array) -> mx.array:
     return mx.stack([_sq_normalized(x), x.astype(mx.float32).sum(axis=(0, 1))])
 
 
+def _add(total, part):
+    return part if total is None else [a + b for a, b in zip(total, part)]
+
+
 @register
 class ActivationPredictor:
     name = "activation"
@@ -46,27 +50,19 @@ class ActivationPredictor:
         else:  # the last token is left for the pruned model to feed when decoding starts
             body = tokens[:-1]
         comp = self.compensate
-        sums = None  # per layer: [score sums, (activation sums, output sums)]
+        sums = outs = None  # per layer: score (+ activation) sums; dense output sums
         tap = tap_ffns(model, reduce=_summaries if comp else _sq_normalized, outputs=comp)
         with tap as records:
             for start in range(0, len(body), PREFILL_STEP):
                 chunk = mx.array(body[start : start + PREFILL_STEP])[None]
                 model(chunk, cache=cache)
-                part = [[r.pop()] for r in records]
+                sums = _add(sums, [r.pop() for r in records])
                 if comp:
-                    part = [p + [o.pop()] for p, o in zip(part, tap.outputs)]
-                sums = (
-                    part
-                    if sums is None
-                    else [[a + b for a, b in zip(*ab)] for ab in zip(sums, part)]
-                )
-                mx.eval(sums, [c.state for c in cache] if cache else [])
+                    outs = _add(outs, [o.pop() for o in tap.outputs])
+                mx.eval(sums, outs or [], [c.state for c in cache] if cache else [])
         prefilled = len(body) if cache is not None else 0
         if not comp:
-            return Scores([mx.sqrt(s[0]) for s in sums], prefilled)
+            return Scores([mx.sqrt(s) for s in sums], prefilled)
         n = len(body)
-        return Scores(
-            [mx.sqrt(s[0][0]) for s in sums],
-            prefilled,
-            Compensation([s[0][1] / n for s in sums], [s[1] / n for s in sums]),
-        )
+        means = Compensation([s[1] / n for s in sums], [o / n for o in outs])
+        return Scores([mx.sqrt(s[0]) for s in sums], prefilled, means)
