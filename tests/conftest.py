@@ -88,3 +88,14 @@ def tiny_q4(tmp_path_factory) -> Path:
     src = make_tiny_hf("llama", root / "hf", seed=2)
     convert(src, root / "m", quantize=True, q_bits=4, q_group_size=32, progress=False)
     return root / "m"
+
+
+REAL_FIXTURES = {"smol_gguf", "smol_hf", "smol_f32", "smol_q4", "smol_default"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that touches the bundled real model is ``real``: ``-m "not real"`` is the
+    fast loop (tiny random models only)."""
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)

@@ -19,10 +19,12 @@ def tiny_tokenizer(folder: Path) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
-    # A word-level stand-in for a chat template: w3 = turn start, w4 = turn end, w5 = answer.
+    # A word-level stand-in for a chat template: w3 = a user/system turn starts, w5 = an
+    # answer starts, w4 = a turn ends. Like real templates, a conversation's prompt begins
+    # with the previous prompt plus its answer (so a chat's KV cache can be reused).
     fast.chat_template = (
-        "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
-        "{% if add_generation_prompt %}w5 {% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}w5 {% else %}w3 {% endif %}"
+        "{{ m['content'] }} w4 {% endfor %}{% if add_generation_prompt %}w5 {% endif %}"
     )
     fast.save_pretrained(str(folder))
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import ifp_mlx
@@ -40,21 +41,118 @@ def test_policies(tiny_folder, policy):
         assert model.selection is not first
 
 
-def test_second_turn_reuses_cache_exactly(tiny_folder):
-    """Turn 2 with the cache == turn 2 computed from scratch with the same selection."""
+def count_feeds(monkeypatch, model) -> list:
+    """The number of tokens of every forward pass of ``model`` (prefill chunks, decode steps)."""
+    fed, cls = [], type(model)
+    forward = cls.__call__
+
+    def counted(self, inputs, *args, **kwargs):
+        fed.append(inputs.shape[1])
+        return forward(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counted)
+    return fed
+
+
+def reference_turn(model, f1, f2, s, sel1, sel2, n, rebuilt=False):
+    """Turn 2 computed by hand from an empty cache, as the design says it runs: turn 1's
+    prompt but its last token prefilled dense, turn 1's selection for the rest of what the
+    cache kept (``f2[:s]``); then turn 2's new tokens: pruned with the same selection
+    (first-turn), or dense-prefilled and re-selected (per-turn). Returns n greedy logprobs."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+
+    def feed(tokens):
+        return model(mx.array(tokens)[None], cache=cache)[0, -1]
+
+    if not rebuilt:
+        model.dense()
+        feed(f1[:-1])
+        model.apply_selection(sel1)
+        feed(f2[len(f1) - 1 : s])
+    rest = f2[s:]
+    if sel2 is not sel1:
+        model.dense()
+        feed(rest[:-1])
+        rest = rest[-1:]
+    model.apply_selection(sel2)
+    logits, out = feed(rest), []
+    for _ in range(n):
+        out.append(np.array(logits - mx.logsumexp(logits)))
+        logits = feed([int(logits.argmax())])
+    return out
+
+
+@pytest.mark.parametrize(
+    "policy,system", [("first-turn", None), ("per-turn", None), ("first-turn", "w60 w61 w62")]
+)
+def test_second_turn_continues_the_cache_exactly(tiny_folder, monkeypatch, policy, system):
+    """Turn 2 equals the hand-built reference over several tokens (logprobs, not one argmax),
+    and feeds only its new tokens: a chat that re-prefills the conversation fails both ways."""
+    from mlx_lm.utils import common_prefix_len
 
     from ifp_mlx.generate import prompt_tokens
 
     model, tok = ifp_mlx.load(tiny_folder)
-    conv = Conversation(model, tok, keep=0.5, policy="first-turn")
-    answer(conv, "w4 w5 w6")
-    second = [r.token for r in conv.ask("w7 w8", max_tokens=4)]
-    full = prompt_tokens(tok, conv.messages[:-1])
-    cache = make_prompt_cache(model)
-    logits = model(mx.array(full)[None], cache=cache)
-    assert int(logits[0, -1].argmax()) == second[0]
+    conv = Conversation(model, tok, keep=0.5, policy=policy, system=system)
+    long = " ".join(f"w{i}" for i in range(10, 50))  # 40 words: re-feeding them would show
+    answer(conv, long, n=4)
+    sel1, kept = model.selection, list(conv.cache_tokens)
+    fed = count_feeds(monkeypatch, model)
+    second = list(conv.ask("w7 w8", max_tokens=6))
+    sel2 = model.selection
+    assert (sel2 is sel1) == (policy == "first-turn")
+    f1 = prompt_tokens(tok, conv.messages[:-3])
+    f2 = prompt_tokens(tok, conv.messages[:-1])
+    if system:  # the system prompt opens every turn's prompt
+        assert conv.messages[0] == {"role": "system", "content": system}
+        opening = prompt_tokens(tok, conv.messages[:1])[:-1]  # without the answer marker
+        assert f1[: len(opening)] == opening
+    s = min(common_prefix_len(kept, f2), len(kept))
+    assert s >= len(f1)  # turn 1's prompt and answer stay in the cache
+    new = len(f2) - s
+    assert new + 5 <= sum(fed) <= new + 6, (fed, len(f2), s)  # new tokens + decode steps
+    ref = reference_turn(model, f1, f2, s, sel1, sel2, 6)
+    for r, want in zip(second, ref):
+        np.testing.assert_allclose(np.array(r.logprobs), want, atol=2e-4)
+    assert [r.token for r in second] == [int(w.argmax()) for w in ref]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_history_the_cache_does_not_match_is_trimmed_or_rebuilt(tmp_path, monkeypatch, family):
+    """Turn 1's answer ends in EOS, which the cache holds but turn 2's prompt does not: the
+    cache is trimmed back to the common prefix (llama) or, a rotated sliding-window cache
+    being untrimmable, rebuilt from scratch (gemma3); either way turn 2 equals its reference."""
+    import mlx.core as mx
+    from mlx_lm.utils import common_prefix_len
+
+    from ifp_mlx.generate import prompt_tokens
+
+    src = make_tiny_hf(family, tmp_path / "hf", seed=5)
+    convert(src, tmp_path / "m", progress=False)
+    model, tok = ifp_mlx.load(tmp_path / "m")
+    conv = Conversation(model, tok, keep=0.5)
+    calls = []
+
+    def eos_second(tokens, logits):  # the answer: one word, then EOS (id 2)
+        calls.append(1)
+        force = mx.where(mx.arange(logits.shape[-1]) == 2, 1e4, -1e4)[None]
+        return force if len(calls) == 2 else logits
+
+    f1 = prompt_tokens(tok, [{"role": "user", "content": "w9 " * 20}])
+    list(conv.ask("w9 " * 20, max_tokens=4, logits_processors=[eos_second]))
+    sel1, kept = model.selection, list(conv.cache_tokens)
+    assert kept[len(f1) + 1] == 2
+    second = list(conv.ask("w7 w8", max_tokens=5))
+    f2 = prompt_tokens(tok, conv.messages[:-1])
+    s = common_prefix_len(kept, f2)
+    assert s == len(f1) + 1  # the history diverges at the EOS
+    rebuilt = family == "gemma3_text"
+    ref = reference_turn(model, f1, f2, 0 if rebuilt else s, sel1, sel1, 5, rebuilt=rebuilt)
+    for r, want in zip(second, ref):
+        np.testing.assert_allclose(np.array(r.logprobs), want, atol=2e-4)
 
 
 def test_keep_dense_reset_and_errors(tiny_folder):

@@ -45,6 +45,13 @@ def masks_for(sel: Selection):
     return out
 
 
+def masked_logits(model, sel: Selection) -> mx.array:
+    """The dense model with the dropped units' activations zeroed (leaves the model dense)."""
+    model.dense()
+    with tap_ffns(model, record=False, masks=masks_for(sel)):
+        return logits(model)
+
+
 def test_keep_one_is_dense_bit_for_bit(tiny):
     model, _ = tiny
     model.dense()
@@ -63,9 +70,7 @@ def test_sliced_equals_masked_dense(tiny, keep):
     sel = model.select(TOKENS, keep=keep)
     assert not sel.compensated
     sliced = logits(model)
-    model.dense()
-    with tap_ffns(model, record=False, masks=masks_for(sel)):
-        masked = logits(model)
+    masked = masked_logits(model, sel)
     assert mx.abs(sliced - masked).max().item() <= 1e-4
     assert not mx.allclose(masked, logits(model), atol=1e-3).item()  # pruning did something
 
@@ -211,3 +216,77 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
     with pytest.raises(IFPError, match="not in this model's vocabulary"):
         ifp_mlx.generate(model, tok, bad, keep=1.0, max_tokens=2)
     assert model.check_tokens([0, 95, np.int64(7)]) == [0, 95, 7]
+
+
+def torch_unit_activations(folder, tokens) -> list:
+    """Per layer, the (tokens × units) input of transformers' down_proj: act(gate(x)) * up(x),
+    from the float source model (independent of this project's model code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    acts = []
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.append(a[0][0].numpy()))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(torch.tensor([tokens]))
+    for h in hooks:
+        h.remove()
+    return acts
+
+
+def griffin_scores(acts: np.ndarray) -> np.ndarray:
+    """GRIFFIN (arXiv 2404.01365): ℓ2 norm over tokens of each token's normalized activations."""
+    z = acts / np.linalg.norm(acts, axis=1, keepdims=True)
+    return np.sqrt((z**2).sum(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("griffin")
+    src = make_tiny_hf("llama", root / "hf", seed=3)
+    convert(src, root / "m", progress=False)
+    return src, root / "m"
+
+
+@pytest.mark.parametrize("n", [12, 600])
+def test_activation_scores_are_griffins_over_the_prompt(tiny_f32, n):
+    """Scores == GRIFFIN computed in numpy from transformers' activations over the prompt but
+    its last token, also past the 512-token prefill chunk, with and without a cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    src, folder = tiny_f32
+    tokens = [int(t) for t in np.random.default_rng(n).integers(3, 96, n)]
+    want = [griffin_scores(a) for a in torch_unit_activations(src, tokens[:-1])]
+    model, _ = ifp_mlx.load(folder)
+    for cache in (None, make_prompt_cache(model)):
+        res = ActivationPredictor().score(model, tokens, cache)
+        assert res.prefilled == (0 if cache is None else n - 1)
+        for got, ref in zip(res.scores, want):
+            np.testing.assert_allclose(np.array(got), ref, rtol=2e-3, atol=1e-4)
+    sel = model.select(tokens, keep=0.25)  # the units kept are GRIFFIN's top quarter
+    for idx, ref in zip(sel.indices, want):
+        assert set(idx) == set(np.argsort(-ref)[: len(idx)])
+
+
+def test_top_units_and_blocks():
+    """The k highest scores, ascending indices, ties by index; blocks of units by block sum."""
+    s = mx.array([0.1, 0.9, 0.3, 0.9, 0.5, 0.0, 0.7, 0.2])
+    assert top_units(s, 3).tolist() == [1, 3, 6]
+    assert top_units(s, 1).tolist() == [1]  # a tie goes to the lower index
+    # blocks of 2: sums 1.0, 1.2, 0.5, 0.9 -> the best two blocks are 1 and 0
+    assert top_units(s, 4, block=2).tolist() == [0, 1, 2, 3]
+    assert top_units(s, 4, block=4).tolist() == [0, 1, 2, 3]  # 2.2 vs 1.4
+    assert budget_units(0.5, [96, 100], block=8) == [48, 48]  # whole blocks, ≥ one block
+    assert budget_units(0.01, [96], block=8) == [8]
+
+
+def test_block_selection_materializes_whole_blocks(tiny):
+    model, _ = tiny
+    sel = model.select(TOKENS, keep=0.5, block=8)
+    for idx in sel.indices:
+        assert len(idx) % 8 == 0 and (idx.reshape(-1, 8) % 8 == np.arange(8)).all()
+    sliced = logits(model)
+    np.testing.assert_allclose(np.array(sliced), np.array(masked_logits(model, sel)), atol=1e-4)

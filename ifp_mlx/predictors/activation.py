@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..model import tap_ffns
 from . import Compensation, Scores, register
@@ -45,22 +46,23 @@ class ActivationPredictor:
         self.compensate = compensate
 
     def score(self, model: nn.Module, tokens: List[int], cache: Optional[list]) -> Scores:
-        if len(tokens) == 1:  # nothing to prefill: score the lone token without the cache
-            body, cache = tokens, None
-        else:  # the last token is left for the pruned model to feed when decoding starts
-            body = tokens[:-1]
+        # The last token is left for the pruned model to feed when decoding starts; a lone
+        # token is scored without touching the caller's cache (nothing to prefill).
+        body = tokens if len(tokens) == 1 else tokens[:-1]
+        own = cache is None or len(tokens) == 1
+        run = make_prompt_cache(model) if own else cache  # chunks attend to earlier chunks
         comp = self.compensate
         sums = outs = None  # per layer: score (+ activation) sums; dense output sums
         tap = tap_ffns(model, reduce=_summaries if comp else _sq_normalized, outputs=comp)
         with tap as records:
             for start in range(0, len(body), PREFILL_STEP):
                 chunk = mx.array(body[start : start + PREFILL_STEP])[None]
-                model(chunk, cache=cache)
+                model(chunk, cache=run)
                 sums = _add(sums, [r.pop() for r in records])
                 if comp:
                     outs = _add(outs, [o.pop() for o in tap.outputs])
-                mx.eval(sums, outs or [], [c.state for c in cache] if cache else [])
-        prefilled = len(body) if cache is not None else 0
+                mx.eval(sums, outs or [], [c.state for c in run])
+        prefilled = 0 if own else len(body)
         if not comp:
             return Scores([mx.sqrt(s) for s in sums], prefilled)
         n = len(body)
