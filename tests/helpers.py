@@ -88,6 +88,31 @@ def torch_logits(folder: Path, tokens) -> np.ndarray:
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
+def torch_unit_activations(folder, tokens) -> list:
+    """Per layer, the (tokens × units) input of transformers' down_proj: act(gate(x)) * up(x),
+    from the float source model (independent of this project's model code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    acts = []
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.append(a[0][0].numpy()))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(torch.tensor([tokens]))
+    for h in hooks:
+        h.remove()
+    return acts
+
+
+def griffin_scores(acts: np.ndarray) -> np.ndarray:
+    """GRIFFIN (arXiv 2404.01365): ℓ2 norm over tokens of each token's normalized activations."""
+    z = acts / np.linalg.norm(acts, axis=1, keepdims=True)
+    return np.sqrt((z**2).sum(0))
+
+
 def mlx_logits(model, tokens) -> np.ndarray:
     import mlx.core as mx
 

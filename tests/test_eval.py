@@ -1,14 +1,19 @@
 """ifp-eval: quick run on a tiny model, schema, held-out splits, sandbox, bad input."""
 
 import json
+import math
+from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 import ifp_mlx
 from ifp_mlx.apps import eval as eval_app
 from ifp_mlx.eval import data
 from ifp_mlx.eval.methods import FixedPredictor, Method, static_scores
-from ifp_mlx.eval.metrics import passes, program
+from ifp_mlx.eval.metrics import answer_loss, kl_agreement, multiple_choice, passes, program
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROW_KEYS = {"chat_loss", "fidelity_kl", "fidelity_agree", "mmlu_acc", "humaneval_pass1", "text_ppl"}
 
@@ -66,7 +71,20 @@ def test_splits_are_disjoint_and_stable():
         for other, their in seen.items():
             assert not ids & their, (split, other)
         seen[split] = ids
-    assert data.sharegpt("test")[:5] == data.sharegpt("test")[:5]
+    # Stable across versions: the held-out prompts of the committed results are still held
+    # out, in the order they were drawn, and the shipped calibration's prompts still calibrate.
+    order = {e.id: i for i, e in enumerate(data.sharegpt("test"))}
+    checked = 0
+    for result in ROOT.glob("results/eval-*/eval.json"):
+        for metric, split in json.loads(result.read_text()).get("splits", {}).items():
+            if metric in ("chat-loss", "fidelity"):
+                ranks = [order[i] for i in split["ids"]]  # KeyError: no longer held out
+                assert ranks == sorted(ranks), (result.parent.name, metric)
+                checked += len(ranks)
+    assert checked > 100
+    shipped = json.loads((ROOT / "ifp_mlx/data/SmolLM2-135M-Instruct-8bit.ifp.json").read_text())
+    calib = shipped["calibration"]["activation"]["ids"]
+    assert calib and all(data.split_of(i) == "calib" for i in calib)
 
 
 def test_static_is_one_subset_for_all_prompts(tiny_q4):
@@ -90,8 +108,64 @@ def test_humaneval_sandbox():
     ex = data.humaneval()[0]
     assert passes(program(ex, ex.solution))  # the canonical solution passes its tests
     assert not passes(program(ex, "    return None\n"))
-    assert not passes("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
     assert not passes("while True:\n    pass\n", timeout=1.0)
+
+
+def test_the_sandbox_has_no_network():
+    """A candidate that reaches a listening socket would exit 0; sandboxed, it cannot connect
+    and the listener never sees it."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        reach = f"import socket\nsocket.create_connection(('127.0.0.1', {port})).sendall(b'x')\n"
+        assert not passes(reach)
+        with pytest.raises(socket.timeout):
+            server.accept()
+
+
+class TableModel:
+    """A fake LM whose next-token log-probabilities depend only on the current token."""
+
+    def __init__(self, table):
+        self.table = mx.array(table)
+
+    def __call__(self, inputs, cache=None):
+        return self.table[inputs]
+
+
+class Fixed:
+    """A method that prepares nothing: the whole sequence is fed to ``model``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prepare(self, prompt, answer, keep):
+        return None, 0
+
+
+def test_eval_maths_by_hand():
+    """answer loss (and text perplexity), KL / agreement and multiple choice on tiny inputs."""
+    ln = math.log
+    p = [[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]  # p(next | current token)
+    method = Fixed(TableModel([[ln(x) for x in row] for row in p]))
+    # prompt [0, 1], answer [2, 0]: p(2 | 1) = 0.1, p(0 | 2) = 0.2
+    loss = answer_loss(method, [([0, 1], [2, 0])], 1.0)
+    assert loss == pytest.approx(-(ln(0.1) + ln(0.2)) / 2, rel=1e-5)
+    # token-weighted over pairs: + prompt [2], answer [2]: p(2 | 2) = 0.6
+    both = answer_loss(method, [([0, 1], [2, 0]), ([2], [2])], 1.0)
+    assert both == pytest.approx(-(ln(0.1) + ln(0.2) + ln(0.6)) / 3, rel=1e-5)
+    # KL(dense ‖ pruned) per position, averaged; agreement of the argmaxes
+    d = mx.array([[ln(0.5), ln(0.5)], [ln(0.9), ln(0.1)]])
+    q = mx.array([[ln(0.25), ln(0.75)], [ln(0.9), ln(0.1)]])
+    kl, agree = kl_agreement(d, q)
+    assert kl == pytest.approx((0.5 * ln(0.5 / 0.25) + 0.5 * ln(0.5 / 0.75)) / 2, rel=1e-5)
+    assert agree == 0.5
+    # multiple choice, letters = tokens 1 and 2: after token 2 the model picks letter 1 (token
+    # 2, p 0.6 vs 0.2), after token 1 letter 0 (p 0.8 vs 0.1): right, wrong, right
+    acc = multiple_choice(method, [([0, 2], 1), ([2], 0), ([1], 0)], [1, 2], 1.0)
+    assert acc == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize(

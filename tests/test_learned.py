@@ -12,7 +12,6 @@ import ifp_mlx
 from ifp_mlx.apps import train as train_app
 from ifp_mlx.convert import convert
 from ifp_mlx.eval import EvalConfig, evaluate
-from ifp_mlx.eval.methods import OraclePredictor
 from ifp_mlx.predictors.learned import (
     LearnedPredictor,
     PredictorConfig,
@@ -23,7 +22,7 @@ from ifp_mlx.predictors.learned import (
 from ifp_mlx.predictors.softtopk import hard_topk, soft_topk
 from ifp_mlx.selection import mask_diversity
 from ifp_mlx.train import TrainConfig, Trainer
-from tests.helpers import cli_error, make_tiny_hf
+from tests.helpers import cli_error, griffin_scores, make_tiny_hf, torch_unit_activations
 
 
 @pytest.mark.parametrize("k", [1, 7, 30, 99])
@@ -105,11 +104,14 @@ def test_oracle_targets_pull_the_scores_towards_each_answers_units(tiny_folder, 
     trainer.prepare()
     n = len(trainer.train)
     assert trainer.train_t.shape == (n, sum(trainer.model.ffn_units))
-    # A target ranks the units as the eval's oracle does for that (prompt, answer).
-    p, a = trainer.train[0]
-    scores = OraclePredictor(a).score(trainer.model, p, None).scores
-    for s, t in zip(scores, np.split(np.array(trainer.train_t[0]), len(scores))):
-        assert (np.argsort(np.array(s)) == np.argsort(t)).all()
+    # A target is the z-scored log GRIFFIN importance over prompt and answer, computed here
+    # from transformers' activations of the float source model.
+    for i in (0, n - 1):
+        p, a = trainer.train[i]
+        acts = torch_unit_activations(tiny_folder / "hf", list(p) + list(a))
+        for t, act in zip(np.split(np.array(trainer.train_t[i]), len(acts)), acts):
+            z = np.log(griffin_scores(act) + 1e-6)
+            np.testing.assert_allclose(t, (z - z.mean()) / z.std(), rtol=1e-3, atol=2e-3)
 
     def error():
         s = mx.concatenate(trainer.head(trainer.train_f), -1)

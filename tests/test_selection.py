@@ -11,7 +11,7 @@ from ifp_mlx.errors import IFPError
 from ifp_mlx.model import UnitLinear, dequantize, find_ffns, tap_ffns
 from ifp_mlx.predictors.activation import ActivationPredictor
 from ifp_mlx.selection import Selection, budget_units, top_units
-from tests.helpers import make_tiny_hf
+from tests.helpers import griffin_scores, make_tiny_hf, torch_unit_activations
 
 TOKENS = [5, 17, 40, 9, 33, 70, 12, 88, 41, 6, 23, 54]
 
@@ -216,31 +216,6 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
     with pytest.raises(IFPError, match="not in this model's vocabulary"):
         ifp_mlx.generate(model, tok, bad, keep=1.0, max_tokens=2)
     assert model.check_tokens([0, 95, np.int64(7)]) == [0, 95, 7]
-
-
-def torch_unit_activations(folder, tokens) -> list:
-    """Per layer, the (tokens × units) input of transformers' down_proj: act(gate(x)) * up(x),
-    from the float source model (independent of this project's model code)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    acts = []
-    hooks = [
-        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.append(a[0][0].numpy()))
-        for layer in model.model.layers
-    ]
-    with torch.no_grad():
-        model(torch.tensor([tokens]))
-    for h in hooks:
-        h.remove()
-    return acts
-
-
-def griffin_scores(acts: np.ndarray) -> np.ndarray:
-    """GRIFFIN (arXiv 2404.01365): ℓ2 norm over tokens of each token's normalized activations."""
-    z = acts / np.linalg.norm(acts, axis=1, keepdims=True)
-    return np.sqrt((z**2).sum(0))
 
 
 @pytest.fixture(scope="module")
