@@ -57,13 +57,17 @@ def tiny_config(family: str):
     raise ValueError(family)
 
 
-def make_tiny_hf(family: str, folder: Path, seed: int = 0, safe: bool = True) -> Path:
-    """A random tiny model of ``family`` saved with save_pretrained (safetensors or .bin)."""
+def make_tiny_hf(family: str, folder: Path, seed: int = 0, safe: bool = True, **config) -> Path:
+    """A random tiny model of ``family`` saved with save_pretrained (safetensors or .bin);
+    ``config`` overrides entries of ``tiny_config``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).float().eval()
+    cfg = tiny_config(family)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # non-trivial norms so mapping mistakes show
         for name, p in model.named_parameters():
             if "norm" in name:
