@@ -135,6 +135,12 @@ def load(
         object.__setattr__(model, "_ifp_predictor", head)
     if units is not None:
         _attach_units(model, units, ffn_store, head)
+    if head is not None and list(head.cfg.units) != model.ffn_units:
+        raise IFPError(
+            f"{path}: the learned predictor was made for another model ({len(head.cfg.units)} "
+            f"FFN layers of {head.cfg.units[0]} units; this model: {len(model.ffn_units)} of "
+            f"{model.ffn_units[0]}); retrain it: ifp-train"
+        )
     budget = ifp_config.get("budget")
     if budget is not None and len(budget) != len(model.ffn_units):
         raise IFPError(

@@ -137,8 +137,11 @@ def _flat(module: nn.Module):
 
 
 def load_head(folder: Path, entry: dict) -> PredictorHead:
-    cfg = PredictorConfig.from_dict(entry)
-    head = PredictorHead(cfg)
+    try:
+        cfg = PredictorConfig.from_dict(entry)
+        head = PredictorHead(cfg)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise IFPError(f"{folder}: the ifp.predictor entry is damaged ({str(e)[:120]})")
     path = Path(folder) / entry.get("file", WEIGHTS)
     if not path.is_file():
         raise IFPError(f"{folder}: the learned predictor's weights {path.name} are missing")

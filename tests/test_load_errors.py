@@ -1,0 +1,113 @@
+"""Loading a folder that is not what ``load`` needs: one clear error, never a traceback."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import ifp_mlx
+from ifp_mlx.convert import convert
+from ifp_mlx.errors import IFPError
+from ifp_mlx.loading import set_ifp_entries
+from ifp_mlx.predictors.learned import PredictorConfig, PredictorHead, save
+from tests.helpers import make_tiny_hf, read_config
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny source folder and its conversion with a (random) learned predictor beside it."""
+    root = tmp_path_factory.mktemp("load")
+    src = make_tiny_hf("llama", root / "hf", seed=4)
+    convert(src, root / "m", progress=False)
+    model, _ = ifp_mlx.load(root / "m")
+    head = PredictorHead(PredictorConfig(model.ffn_units, 64, encoder_layers=1, hidden=16))
+    set_ifp_entries(root / "m", predictor=save(head, root / "m"))
+    ifp_mlx.load(root / "m")  # loads as made
+    return src, root / "m"
+
+
+@pytest.fixture()
+def folder(made, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(made[1], dst)
+    return dst
+
+
+def edit_ifp(folder, **entries):
+    cfg = read_config(folder)
+    cfg["ifp"].update(entries)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def refused(folder, needle: str) -> str:
+    with pytest.raises(IFPError) as e:
+        ifp_mlx.load(folder)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg, msg
+    return msg
+
+
+def test_missing_folder(tmp_path):
+    refused(tmp_path / "nowhere", "no such model folder")
+
+
+def test_a_folder_that_is_not_a_model(tmp_path):
+    refused(tmp_path, "missing config")
+
+
+def test_an_unconverted_folder_says_how_to_convert(made):
+    refused(made[0], "is not an ifp-mlx model folder (convert it: ifp-convert")
+
+
+def test_garbled_config(folder):
+    (folder / "config.json").write_text("{not json")
+    refused(folder, "garbled config")
+
+
+def test_a_newer_format_asks_for_an_upgrade(folder):
+    edit_ifp(folder, format_version=99)
+    refused(folder, "uses ifp format 99; upgrade ifp-mlx")
+
+
+def test_missing_weights(folder):
+    for f in folder.glob("model*.safetensors"):
+        f.unlink()
+    refused(folder, "cannot load")
+
+
+def test_missing_predictor_file(folder):
+    (folder / read_config(folder)["ifp"]["predictor"]["file"]).unlink()
+    refused(folder, "the learned predictor's weights")
+
+
+def test_predictor_file_that_does_not_match_its_config(folder):
+    entry = read_config(folder)["ifp"]["predictor"]
+    edit_ifp(folder, predictor={**entry, "hidden": 32})  # the file holds a 16-wide head
+    refused(folder, "does not match its config")
+
+
+def test_predictor_made_for_another_model(folder):
+    entry = read_config(folder)["ifp"]["predictor"]
+    other = PredictorHead(PredictorConfig([128, 128], 64, encoder_layers=1, hidden=16))
+    edit_ifp(folder, predictor={**entry, **save(other, folder), "units": [128, 128]})
+    refused(folder, "the learned predictor was made for another model")
+
+
+@pytest.mark.parametrize("entry", ["learned", {"type": "learned", "file": "x"}])
+def test_damaged_predictor_entry(folder, entry):
+    edit_ifp(folder, predictor=entry)
+    refused(folder, "the ifp.predictor entry is damaged")
+
+
+def test_cli_prints_one_line(folder):
+    edit_ifp(folder, format_version=99)
+    res = subprocess.run(
+        [sys.executable, "-m", "ifp_mlx.apps.generate", "--model", str(folder), "--prompt", "w5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(err) == 1 and "upgrade ifp-mlx" in err[0], res.stderr
