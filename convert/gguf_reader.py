@@ -69,7 +69,8 @@ def read_gguf(path: Path, progress: Callable = iter) -> Checkpoint:
         reader = GGUFReader(str(path))
         arch = reader.fields["general.architecture"].contents()
     except Exception as e:
-        raise IFPError(f"cannot read {path} as GGUF: {str(e)[:200]}")
+        hint = " (truncated or corrupt: an incomplete download?)" if "reshape" in str(e) else ""
+        raise IFPError(f"cannot read {path} as GGUF: {str(e)[:200]}{hint}")
     if arch not in _ARCHS:
         raise IFPError(f"GGUF architecture {arch!r} is not supported (have {sorted(_ARCHS)})")
 

@@ -16,6 +16,7 @@ def tiny_bin(tmp_path_factory) -> Path:
 
 
 def run_cli(capsys, *args):
+    capsys.readouterr()  # only what the converter writes counts
     with pytest.raises(SystemExit) as exc:
         cli.main([*map(str, args), "--no-progress"])
     err = capsys.readouterr().err.strip()
@@ -180,3 +181,99 @@ def test_python_m_entry_point(tmp_path):
         [sys.executable, "-m", "ifp_mlx.convert", "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "ifp-convert" in res.stdout
+
+
+def _rewrite_safetensors(path: Path, edit) -> None:
+    import mlx.core as mx
+
+    weights = dict(mx.load(str(path)))
+    edit(weights)
+    mx.save_safetensors(str(path), weights)
+
+
+def _drop_up(w):
+    w.pop("model.layers.1.mlp.up_proj.weight")
+
+
+def _add_layer(w):
+    import mlx.core as mx
+
+    w["model.layers.7.mlp.up_proj.weight"] = mx.zeros((2, 2))
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (
+            lambda p: p.write_bytes(b"\x10" * 5000),
+            "as safetensors: [load_safetensors] Invalid json",
+        ),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "exceeding the size"),
+        (lambda p: p.write_bytes(p.read_bytes()[:8] + b'{"x":' + p.read_bytes()[13:]), "parse"),
+        (lambda p: _rewrite_safetensors(p, _drop_up), "lacks 1 tensors, e.g. 'model.layers.1"),
+        (lambda p: _rewrite_safetensors(p, _add_layer), "unexpected tensor 'model.layers.7"),
+    ],
+    ids=["garbled", "truncated", "bad-header", "missing-tensor", "extra-tensor"],
+)
+def test_damaged_safetensors(tmp_path, capsys, damage, needle):
+    src = make_tiny_hf("llama", tmp_path / "src")
+    damage(src / "model.safetensors")
+    assert needle in run_cli(capsys, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path, "out")
+
+
+def _sharded(tmp_path) -> Path:
+    """The tiny model as two safetensors shards with an index, as save_pretrained writes it."""
+    import mlx.core as mx
+
+    src = make_tiny_hf("llama", tmp_path / "src")
+    weights = dict(mx.load(str(src / "model.safetensors")))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}  # fmt: skip
+    for shard, keys in shards.items():
+        mx.save_safetensors(str(src / shard), {k: weights[k] for k in keys})
+    (src / "model.safetensors").unlink()
+    index = {"weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return src
+
+
+def test_sharded_checkpoint_converts(tmp_path):
+    core.convert(_sharded(tmp_path), tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda s: (s / "model.safetensors.index.json").write_text("{oops"), "garbled shard index"),
+        (lambda s: (s / "model.safetensors.index.json").write_text("{}"), "garbled shard index"),
+        (
+            lambda s: (s / "model-00002-of-00002.safetensors").unlink(),
+            "lists missing shard model-00002",
+        ),
+    ],
+    ids=["garbled", "no-weight-map", "missing-shard"],
+)
+def test_bad_shard_index(tmp_path, capsys, damage, needle):
+    src = _sharded(tmp_path)
+    damage(src)
+    assert needle in run_cli(capsys, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [(b"\x00" * 3000, "GGUF magic invalid"), (b"GGUF" + b"\xff" * 3000, "cannot handle")],
+    ids=["not-gguf", "bad-version"],
+)
+def test_garbled_gguf(tmp_path, capsys, data, needle):
+    (tmp_path / "m.gguf").write_bytes(data)
+    assert needle in run_cli(capsys, tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_truncated_gguf(smol_gguf, tmp_path, capsys):
+    with open(smol_gguf, "rb") as f:
+        (tmp_path / "m.gguf").write_bytes(f.read(3_000_000))
+    err = run_cli(capsys, tmp_path / "m.gguf", tmp_path / "out")
+    assert "truncated or corrupt" in err and not (tmp_path / "out").exists()
