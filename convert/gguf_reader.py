@@ -97,6 +97,7 @@ def read_gguf(path: Path, progress: Callable = iter) -> Checkpoint:
 
 
 _MODEL_TYPES = {"gemma3": "gemma3_text", "gemma2": "gemma2", "mistral": "mistral"}
+_GEMMA_27B_LAYERS = {"gemma3": 62, "gemma2": 46}  # llama.cpp's LLM_TYPE_27B by block count
 
 
 def _gguf_config(meta: dict, arch: str, tie: bool) -> dict:
@@ -114,6 +115,12 @@ def _gguf_config(meta: dict, arch: str, tie: bool) -> dict:
     for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
         if f"tokenizer.ggml.{key}_token_id" in meta:
             cfg[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{key}_token_id"])
+    if arch in _GEMMA_27B_LAYERS and "head_dim" in cfg:
+        # GGUF has no query_pre_attn_scalar; llama.cpp scales by 1/sqrt(head_dim), except at
+        # 27B (n_embd / n_head). transformers' default (256) is right only for some sizes.
+        big = cfg.get("num_hidden_layers") == _GEMMA_27B_LAYERS[arch]
+        heads = cfg.get("num_attention_heads") or 1
+        cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // heads if big else cfg["head_dim"]
     model_type = _MODEL_TYPES.get(arch, arch)
     try:
         out = AutoConfig.for_model(model_type, **cfg).to_dict()
