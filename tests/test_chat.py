@@ -306,3 +306,45 @@ def test_tokenizer_beyond_the_embedding_is_refused(tiny_folder, tmp_path):
     assert res.returncode == 1, res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "token id 1000000000 is not in this model's vocabulary" in err[0]
+
+
+def generate_cli(capsys, folder, *flags) -> str:
+    from ifp_mlx.apps import generate as generate_app
+
+    capsys.readouterr()
+    generate_app.main(["--model", str(folder), "--prompt", "w5 w6 w7", "--keep", "0.5",
+                       "--max-tokens", "12", *flags])  # fmt: skip
+    return capsys.readouterr().out
+
+
+def test_sampling_flags(tiny_folder, capsys):
+    """--temp 0 is greedy (the API's answer); --seed makes sampling repeatable and another
+    seed samples another answer; --top-p near 0 leaves only the top token (greedy again)."""
+    model, tok = ifp_mlx.load(tiny_folder)
+    greedy = ifp_mlx.generate(model, tok, "w5 w6 w7", keep=0.5, max_tokens=12)
+    assert generate_cli(capsys, tiny_folder).strip() == greedy.strip()
+    a = generate_cli(capsys, tiny_folder, "--temp", "1.5", "--seed", "7")
+    assert a == generate_cli(capsys, tiny_folder, "--temp", "1.5", "--seed", "7")
+    assert a != generate_cli(capsys, tiny_folder, "--temp", "1.5", "--seed", "8")
+    assert a.strip() != greedy.strip()
+    top = generate_cli(capsys, tiny_folder, "--temp", "1.5", "--top-p", "1e-6", "--seed", "7")
+    assert top.strip() == greedy.strip()
+
+
+def test_chat_reset_and_help(tiny_folder, capsys, monkeypatch):
+    """/reset starts over: the same first message is again a whole first-turn prompt (the
+    second turn fed only its new tokens); /help lists every command."""
+    import io
+    import re
+
+    from ifp_mlx.apps import chat as chat_app
+
+    script = "w4 w5 w6\n/stats\nw4 w5 w6\n/stats\n/reset\nw4 w5 w6\n/stats\n/help\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    chat_app.main(["--model", str(tiny_folder), "--max-tokens", "6", "--keep", "0.5"])
+    out = capsys.readouterr().out
+    fed = [int(n) for n in re.findall(r"prompt_tokens: (\d+)", out)]
+    assert len(fed) == 3 and fed[0] == fed[2] == 6 and fed[1] != 6, fed  # w3 w4 w5 w6 w4 w5
+    assert "[new conversation]" in out
+    for cmd in ("/keep", "/max-kl", "/dense", "/stats", "/reset", "/help", "/quit"):
+        assert f"  {cmd}" in out
