@@ -100,7 +100,6 @@ class Selection:
     score_bytes_read: int = 0  # flash: bytes streamed by the predictor's dense pass
     prefilled: int = 0  # prompt tokens the predictor already put in the cache
     compensation: Optional[object] = None  # predictors.Compensation: folded into a bias
-    compensation: Optional[object] = None  # predictors.Compensation: folded into a bias
     expected_kl: Optional[float] = None  # calibrated KL to the dense model at this keep
     max_kl: Optional[float] = None  # the quality target the keep was chosen for (keep="auto")
     extra: dict = field(default_factory=dict)

@@ -1,0 +1,376 @@
+"""Hand-made mutants of the runtime: each one breaks a behaviour the suite claims to check,
+and must turn the tests that guard it red. Run from the repository root:
+
+    python -m tests.mutants            # every mutant (≈ 5 min on a 2-core CPU)
+    python -m tests.mutants NAME ...   # some of them; --list names them
+
+Each mutant is applied to a copy of the tree (never to the working tree), and only the tests
+that guard it run (``-x -m "not real"``: the tiny models, no cached real conversions). A mutant
+whose tests still pass is a *survivor*; the command exits 1 if any survive.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: List[str]  # pytest arguments that must fail
+    why: str = ""
+
+
+M = Mutant
+MUTANTS = [
+    M(
+        "chat-no-cache-reuse",
+        "ifp_mlx/chat.py",
+        "        n = common_prefix_len(self.cache_tokens, full)\n",
+        "        self.cache, self.cache_tokens = make_prompt_cache(self.model), []\n        n = 0\n",
+        ["tests/test_chat.py"],
+        "a chat that throws the KV cache away every turn",
+    ),
+    M(
+        "chat-no-trim",
+        "ifp_mlx/chat.py",
+        "                trim_prompt_cache(self.cache, extra)\n",
+        "                pass\n",
+        ["tests/test_chat.py", "-k", "trimmed"],
+        "a diverged history left in the cache",
+    ),
+    M(
+        "chat-no-rebuild",
+        "ifp_mlx/chat.py",
+        "                self.cache, n = make_prompt_cache(self.model), 0\n",
+        "                pass\n",
+        ["tests/test_chat.py", "-k", "trimmed"],
+        "an untrimmable (rotating) cache reused as is",
+    ),
+    M(
+        "chat-per-turn-never-reselects",
+        "ifp_mlx/chat.py",
+        'self.policy == "per-turn" or not self._selected',
+        "not self._selected",
+        ["tests/test_chat.py"],
+        "the per-turn policy ignored",
+    ),
+    M(
+        "chat-reset-ignored",
+        "ifp_mlx/apps/chat.py",
+        "        conv.reset()\n",
+        "        pass\n",
+        ["tests/test_chat.py", "-k", "reset"],
+        "/reset that keeps the conversation",
+    ),
+    M(
+        "sampler-ignores-temp",
+        "ifp_mlx/apps/common.py",
+        "make_sampler(temp=args.temp,",
+        "make_sampler(temp=0.0,",
+        ["tests/test_chat.py", "-k", "sampling"],
+        "--temp ignored",
+    ),
+    M(
+        "seed-ignored",
+        "ifp_mlx/apps/common.py",
+        "        mx.random.seed(args.seed)\n",
+        "        pass\n",
+        ["tests/test_chat.py", "-k", "sampling"],
+        "--seed ignored",
+    ),
+    M(
+        "random-scores",
+        "ifp_mlx/predictors/activation.py",
+        "            return Scores([mx.sqrt(s) for s in sums], prefilled)",
+        "            return Scores([mx.random.uniform(shape=s.shape) for s in sums], prefilled)",
+        ["tests/test_selection.py"],
+        "an activation predictor returning random scores",
+    ),
+    M(
+        "griffin-unnormalized",
+        "ifp_mlx/predictors/activation.py",
+        "    norms = mx.sqrt((x * x).sum(-1, keepdims=True)) + 1e-6\n",
+        "    norms = 1.0\n",
+        ["tests/test_selection.py"],
+        "GRIFFIN without the per-token normalization",
+    ),
+    M(
+        "chunks-without-context",
+        "ifp_mlx/predictors/activation.py",
+        "                model(chunk, cache=run)\n",
+        "                model(chunk, cache=None)\n",
+        ["tests/test_selection.py"],
+        "prefill chunks past 512 tokens that forget earlier ones",
+    ),
+    M(
+        "identity-materialize",
+        "ifp_mlx/selection.py",
+        "        compact = [store.gather(i, idx) for i, idx in enumerate(selection.indices)]",
+        "        compact = [store.full(i) for i, idx in enumerate(selection.indices)]",
+        ["tests/test_selection.py"],
+        "a selection that keeps every unit",
+    ),
+    M(
+        "wrong-topk-order",
+        "ifp_mlx/selection.py",
+        'return np.sort(np.argsort(-s, kind="stable")[:k])',
+        'return np.sort(np.argsort(s, kind="stable")[:k])',
+        ["tests/test_selection.py"],
+        "the k lowest-scoring units kept",
+    ),
+    M(
+        "block-index",
+        "ifp_mlx/selection.py",
+        "idx = (best[:, None] * block + np.arange(block))",
+        "idx = (best[:, None] + np.arange(block))",
+        ["tests/test_selection.py", "-k", "block"],
+        "blocks gathered at the wrong offset",
+    ),
+    M(
+        "skip-dequantize",
+        "ifp_mlx/model.py",
+        "    return dequantize_model(model)\n",
+        "    return model\n",
+        ["tests/test_selection.py", "-k", "dequantize"],
+        "dequantize that leaves 4-bit layers",
+    ),
+    M(
+        "sandbox-off",
+        "ifp_mlx/eval/metrics.py",
+        "            f.write(SANDBOX + source)\n",
+        "            f.write(source)\n",
+        ["tests/test_eval.py", "-k", "sandbox"],
+        "HumanEval candidates run with the network",
+    ),
+    M(
+        "kl-direction",
+        "ifp_mlx/eval/metrics.py",
+        "(mx.exp(logp) * (logp - logq))",
+        "(mx.exp(logq) * (logq - logp))",
+        ["tests/test_eval.py", "-k", "maths"],
+        "KL(pruned ‖ dense) reported as KL(dense ‖ pruned)",
+    ),
+    M(
+        "answer-loss-off-by-one",
+        "ifp_mlx/eval/metrics.py",
+        "    start = len(prompt) - 1 - n\n",
+        "    start = len(prompt) - n\n",
+        ["tests/test_eval.py", "-k", "maths"],
+        "answer tokens scored one position late",
+    ),
+    M(
+        "multiple-choice-argmin",
+        "ifp_mlx/eval/metrics.py",
+        "mx.argmax(logits[mx.array(letters)])",
+        "mx.argmin(logits[mx.array(letters)])",
+        ["tests/test_eval.py", "-k", "maths"],
+        "the least likely letter picked",
+    ),
+    M(
+        "split-salt",
+        "ifp_mlx/eval/data.py",
+        'SALT = "ifp-mlx-split-v1"',
+        'SALT = "ifp-mlx-split-v2"',
+        ["tests/test_eval.py", "-k", "splits"],
+        "held-out splits reshuffled",
+    ),
+    M(
+        "oracle-ignores-answer",
+        "ifp_mlx/eval/methods.py",
+        "        result = ActivationPredictor().score(model, full + [0], cache)",
+        "        result = ActivationPredictor().score(model, list(tokens) + [0], cache)",
+        ["tests/test_learned.py", "-k", "oracle"],
+        "oracle targets built from the prompt only",
+    ),
+    M(
+        "fit-on-shuffled-losses",
+        "ifp_mlx/search.py",
+        "    held = make().fit(X[train], y[train])\n",
+        "    held = make().fit(X[train], np.random.default_rng(1).permutation(y[train]))\n",
+        ["tests/test_search.py", "-k", "fit"],
+        "an accuracy predictor that learns nothing",
+    ),
+    M(
+        "ideal-speedup-formula",
+        "ifp_mlx/speed.py",
+        "    return 1.0 / (1.0 - f * (1.0 - keep))",
+        "    return 1.0 / (1.0 - f * keep)",
+        ["tests/test_bench.py"],
+        "the memory-bound ideal computed wrong",
+    ),
+    M(
+        "byte-share-weights-only",
+        "ifp_mlx/speed.py",
+        "    ffn = sum(v.nbytes for _, m in find_ffns(model) for _, v in tree_flatten(m.parameters()))",
+        "    ffn = sum(m[k].weight.nbytes for _, m in find_ffns(model) for k in ('gate_proj', 'up_proj', 'down_proj'))",
+        ["tests/test_bench.py", "-k", "speed_bench"],
+        "FFN bytes without scales and biases",
+    ),
+    M(
+        "garble-before-quantize",
+        "convert/core.py",
+        "        quant = None\n        if quantize:\n",
+        "        quant = None\n        if quantize:\n            for _, m in find_ffns(model):\n"
+        "                m.up_proj.weight = m.up_proj.weight[::-1]\n",
+        ["tests/test_quant.py"],
+        "a converter that garbles weights before quantizing",
+    ),
+    M(
+        "group-size-ignored",
+        "convert/core.py",
+        "                    model, cfg, q_group_size, q_bits, quant_predicate=predicate",
+        "                    model, cfg, 64, q_bits, quant_predicate=predicate",
+        ["tests/test_quant.py"],
+        "--q-group-size ignored",
+    ),
+    M(
+        "rope-scaling-dropped",
+        "convert/config.py",
+        '    if kind in (None, "default"):\n        return None\n',
+        "    return None\n",
+        ["tests/test_tiny_families.py", "-k", "rope"],
+        "RoPE scaling lost in conversion",
+    ),
+    M(
+        "gguf-gemma-norms",
+        "convert/gguf_reader.py",
+        "            w = w - 1.0\n",
+        "            w = w\n",
+        ["tests/test_tiny_families.py", "-k", "gguf"],
+        "Gemma's 1 + w norms read as w",
+    ),
+    M(
+        "gguf-qk-order",
+        "convert/gguf_reader.py",
+        "        if arch in _PERMUTED_QK and name.endswith(",
+        "        if False and name.endswith(",
+        ["tests/test_tiny_families.py", "-k", "gguf"],
+        "llama.cpp's q/k interleave kept",
+    ),
+    M(
+        "gguf-gemma-scale",
+        "convert/gguf_reader.py",
+        '        cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // heads if big else cfg["head_dim"]\n',
+        "        pass\n",
+        ["tests/test_tiny_families.py", "-k", "gguf"],
+        "transformers' default Gemma attention scale",
+    ),
+    M(
+        "load-newer-format",
+        "ifp_mlx/loading.py",
+        '    if ifp.get("format_version", 0) > FORMAT_VERSION:',
+        '    if ifp.get("format_version", 0) > FORMAT_VERSION + 100:',
+        ["tests/test_load_errors.py"],
+        "a folder from a newer ifp-mlx loaded anyway",
+    ),
+    M(
+        "load-foreign-predictor",
+        "ifp_mlx/loading.py",
+        "    if head is not None and list(head.cfg.units) != model.ffn_units:",
+        "    if False:",
+        ["tests/test_load_errors.py"],
+        "a predictor made for another model accepted",
+    ),
+    M(
+        "flash-reads-next-unit",
+        "ifp_mlx/store.py",
+        "        return self._read(layer, None if whole else idx)\n",
+        "        return self._read(layer, None if whole else np.minimum(idx + 1, self.units[layer] - 1))\n",
+        ["tests/test_store.py"],
+        "the flash store reading the wrong units",
+    ),
+    M(
+        "compensation-sign",
+        "ifp_mlx/selection.py",
+        "            delta = comp.output_means[i] - down(",
+        "            delta = -comp.output_means[i] + down(",
+        ["tests/test_selection.py", "-k", "compensation"],
+        "the dropped units' bias subtracted",
+    ),
+]
+
+
+def _tree(dst: Path) -> None:
+    """A copy of the working tree importable as ``ifp_mlx`` (convert/ and apps/ linked in as
+    the package-dir mapping of pyproject.toml does it)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    for sub in ("convert", "apps"):
+        (dst / "ifp_mlx" / sub).symlink_to(dst / sub, target_is_directory=True)
+
+
+def _source(tree: Path, m: Mutant) -> Path:
+    rel = m.path.replace("ifp_mlx/apps/", "apps/").replace("ifp_mlx/convert/", "convert/")
+    return tree / rel
+
+
+def run(mutants: List[Mutant]) -> int:
+    survivors, broken = [], []
+    with tempfile.TemporaryDirectory(prefix="ifp-mutants-") as tmp:
+        tree = Path(tmp)
+        _tree(tree)
+        env = {k: v for k, v in os.environ.items() if k != "IFP_TEST_CACHE"}
+        env["PYTHONPATH"] = str(tree)
+        for m in mutants:
+            path = _source(tree, m)
+            text = path.read_text()
+            if text.count(m.old) != 1:
+                broken.append(m.name)
+                print(f"{m.name:32s} BROKEN: its text occurs {text.count(m.old)}× in {m.path}")
+                continue
+            path.write_text(text.replace(m.old, m.new))
+            tic = time.time()
+            res = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                 "-m", "not real", *m.tests], cwd=tree, env=env, capture_output=True, text=True,
+            )  # fmt: skip
+            path.write_text(text)
+            status = {0: "SURVIVED", 1: "killed"}.get(res.returncode, f"error {res.returncode}")
+            if res.returncode == 0:
+                survivors.append(m.name)
+            elif res.returncode != 1:
+                broken.append(m.name)
+            failed = [ln for ln in res.stdout.splitlines() if ln.startswith("FAILED")][:1]
+            print(f"{m.name:32s} {status:9s} {time.time() - tic:5.1f}s  {m.why}")
+            for ln in failed:
+                print(f"{'':32s} {ln[:110]}")
+    print(f"\n{len(mutants)} mutants: {len(mutants) - len(survivors) - len(broken)} killed, "
+          f"{len(survivors)} survived {survivors or ''}, {len(broken)} broken {broken or ''}")  # fmt: skip
+    return 1 if survivors or broken else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:32s} {m.why}")
+        return 0
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        p.error(f"unknown mutant(s): {', '.join(sorted(unknown))}")
+    return run(chosen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
