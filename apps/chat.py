@@ -4,7 +4,14 @@ import argparse
 import sys
 
 from ..errors import IFPError, cli_errors
-from .common import add_model_flags, check_flags, keep_arg, sampler_from
+from .common import (
+    PrefillBar,
+    add_model_flags,
+    check_flags,
+    keep_arg,
+    read_text_streams,
+    sampler_from,
+)
 
 HELP = """commands:
   /keep F     keep fraction F of FFN units (e.g. /keep 0.3, or /keep auto; from the next message)
@@ -67,6 +74,7 @@ def main(argv=None) -> None:
     add_model_flags(p)
     p.add_argument("--system", help="system prompt")
     args = p.parse_args(argv)
+    read_text_streams()
     with cli_errors("ifp-chat"):
         check_flags(args)
         from .. import load
@@ -107,13 +115,18 @@ def main(argv=None) -> None:
                 if not command(conv, line, last):
                     break
                 continue
-            resp = None
+            resp, bar = None, PrefillBar("ifp-chat")
             try:
-                for resp in conv.ask(line, max_tokens=args.max_tokens, sampler=sampler):
+                for resp in conv.ask(
+                    line, max_tokens=args.max_tokens, sampler=sampler, progress=bar
+                ):
+                    bar.close()
                     print(resp.text, end="", flush=True)
                 print()
             except KeyboardInterrupt:
                 print(_dim(" [stopped]"))
+            finally:
+                bar.close()
             if resp is not None:
                 last = resp.ifp
                 print(_dim(last.line()))

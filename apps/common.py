@@ -72,6 +72,15 @@ def sampler_from(args):
     return make_sampler(temp=args.temp, top_p=args.top_p)
 
 
+def read_text_streams() -> None:
+    """Read standard input as terminals show text: invalid UTF-8 becomes U+FFFD instead of an
+    exception that ends the program (a chat session goes on)."""
+    import sys
+
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
+
+
 def check_flags(args) -> None:
     """Validate flags before the (slow) model load, so mistakes fail fast."""
     from ..chat import check_policy
@@ -91,5 +100,42 @@ def check_flags(args) -> None:
     if args.predictor is not None:
         get_predictor(args.predictor)
     check_policy(args.policy)
-    if args.max_tokens == 0:
-        raise IFPError("--max-tokens must be non-zero")
+    if args.max_tokens < 1:
+        raise IFPError(f"--max-tokens must be at least 1, not {args.max_tokens}")
+    if not args.temp >= 0 or args.temp == float("inf"):  # also NaN
+        raise IFPError(f"--temp must be a number ≥ 0 (0 = greedy), not {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise IFPError(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise IFPError(f"--seed must be in 0 .. 2**64 - 1, not {args.seed}")
+
+
+LONG_PROMPT = 2048  # tokens: past this, say up front that the prefill takes a while
+
+
+class PrefillBar:
+    """``progress=`` for stream_generate in the CLIs: a note up front for a long prompt, and a
+    bar on stderr once the prefill has run for a few seconds (none for a quick one)."""
+
+    def __init__(self, prog: str, delay: float = 2.0):
+        self.prog, self.delay, self.bar = prog, delay, None
+
+    def __call__(self, done: int, total: int) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        if self.bar is None:
+            if total >= LONG_PROMPT:
+                print(f"{self.prog}: a {total}-token prompt: its prefill takes a while "
+                      "(Ctrl-C stops it)", file=sys.stderr)  # fmt: skip
+            self.bar = tqdm(total=total, desc="prefill", unit="tok", delay=self.delay,
+                            leave=False, file=sys.stderr)  # fmt: skip
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from ..errors import cli_errors
-from .common import add_model_flags, check_flags, sampler_from
+from .common import PrefillBar, add_model_flags, check_flags, read_text_streams, sampler_from
 
 
 def main(argv=None) -> None:
@@ -17,21 +17,27 @@ def main(argv=None) -> None:
         from .. import load
         from ..generate import stream_generate
 
+        read_text_streams()
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, tokenizer = load(args.model, ffn_store=args.ffn_store)
-        last = None
-        for resp in stream_generate(
-            model,
-            tokenizer,
-            prompt,
-            keep=args.keep,
-            predictor=args.predictor,
-            max_kl=args.max_kl,
-            max_tokens=args.max_tokens,
-            sampler=sampler_from(args),
-        ):
-            print(resp.text, end="", flush=True)
-            last = resp
+        last, bar = None, PrefillBar("ifp-generate")
+        try:
+            for resp in stream_generate(
+                model,
+                tokenizer,
+                prompt,
+                keep=args.keep,
+                predictor=args.predictor,
+                max_kl=args.max_kl,
+                max_tokens=args.max_tokens,
+                sampler=sampler_from(args),
+                progress=bar,
+            ):
+                bar.close()
+                print(resp.text, end="", flush=True)
+                last = resp
+        finally:
+            bar.close()
         print()
         if last is not None:
             print(last.ifp.line(), file=sys.stderr)

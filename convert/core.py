@@ -3,7 +3,8 @@
 
 import contextlib
 import io
-import re
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from mlx_lm.utils import (
 )
 from tqdm import tqdm
 
-from ..errors import IFPError, read_json
+from ..errors import IFPError, looks_like_repo_id, read_json
 from ..model import FORMAT_VERSION, find_ffns, to_unit_major
 from ..store import write_model_files
 from .config import fix_config
@@ -29,6 +30,7 @@ from .layout import calibration_activations, coactivation_order, permute_units
 from .readers import (
     TORCH_SUFFIXES,
     Checkpoint,
+    _weight_files,
     copy_tokenizer_files,
     read_folder,
     read_state_dict,
@@ -85,9 +87,40 @@ def read_source(
         raise IFPError(
             f"unknown input type {path.name} (want a folder, .gguf, .safetensors, .bin, .pt)"
         )
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
+    if looks_like_repo_id(str(source)):
         return read_folder(_download(str(source), revision), bar)
     raise IFPError(f"no such file or folder: {source}")
+
+
+def source_parameters(source: Union[str, Path]) -> int:
+    """Parameters in a local checkpoint, from file headers only (0 when unknown): the output
+    size is checked against free space before the model is read."""
+    path = Path(source)
+    try:
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if not (path / "config.json").exists() and len(ggufs) == 1:
+                path = ggufs[0]
+            else:
+                return sum(_file_parameters(f) for f in _weight_files(path))
+        return _file_parameters(path) if path.is_file() else 0
+    except (IFPError, OSError, ValueError, KeyError):
+        return 0  # the reader reports what is wrong with the source
+
+
+def _file_parameters(path: Path) -> int:
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= path.stat().st_size - 8:
+                return 0  # garbled: the reader says so
+            header = json.loads(f.read(n))
+        return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    return path.stat().st_size // 4 if path.suffix in TORCH_SUFFIXES else 0
 
 
 def _download(repo: str, revision: Optional[str]) -> Path:
@@ -101,6 +134,9 @@ def _download(repo: str, revision: Optional[str]) -> Path:
 
 
 def build_model(config: dict) -> nn.Module:
+    from ..validate import check_model_config
+
+    check_model_config(config, "config")
     try:
         model_class, args_class = _get_classes(config)
     except ValueError:
@@ -189,7 +225,8 @@ def convert(
     _check_options(dtype, quantize, q_bits, q_group_size)
     if q_down_bits is not None and (not quantize or q_down_bits not in Q_BITS):
         raise IFPError("--q-down-bits needs -q and must be 4 or 8")
-    check_output(output, force)
+    bits = (q_bits + 2 * 32 / q_group_size) if quantize else 8 * DTYPES[dtype].size
+    check_output(output, force, int(1.05 * source_parameters(source) * bits / 8))
     if predictor is not None and permute_units_text is not None:
         raise IFPError("--predictor cannot be combined with --permute-units (unit order differs)")
     if predictor is not None and predictor_config is None:
@@ -223,6 +260,7 @@ def convert(
             permute_units(model, [coactivation_order(a) for a in bar(acts)])
         quant = None
         if quantize:
+
             def predicate(path: str, _module):
                 # down_proj carries what the dropped units no longer add: more bits there
                 # (--q-down-bits 8) is the knob that compounds least with pruning

@@ -66,6 +66,14 @@ def load_torch_file(path: Path) -> Dict[str, mx.array]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+            raise IFPError(
+                f"cannot read {path} as a tensor state dict: it pickles Python objects beyond "
+                "tensors, which could run code when loaded; ifp-convert never executes a "
+                "checkpoint. Re-save its tensors (safetensors) with the program that made it"
+            )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IFPError(f"cannot read {path} as a tensor state dict: {first[:200]}")
     if isinstance(obj, dict) and len(obj) == 1:

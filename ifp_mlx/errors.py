@@ -25,6 +25,17 @@ def cli_errors(prog: str):
         raise SystemExit(130)
 
 
+def looks_like_repo_id(text: str) -> bool:
+    """``org/name`` that is not a local path: a missing ``data/model`` whose ``data`` folder
+    exists here is a path (a typo), never sent to the hub."""
+    import re
+    from pathlib import Path
+
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) or Path(text).exists():
+        return False
+    return not Path(text.split("/")[0]).exists()
+
+
 def read_json(path, what: str = "config") -> dict:
     """A JSON object from ``path``, or one clear error line (missing, garbled, not an object)."""
     import json

@@ -7,7 +7,7 @@ then prefills the rest and decodes on the compact model. Nothing IFP-specific ru
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,9 +16,26 @@ from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import IFPError
+from .predictors import prefill_progress
 from .selection import Budget, Selection, is_dense
 
 Prompt = Union[str, List[int], List[dict]]
+
+
+def clean_text(text: str) -> str:
+    """Text as valid UTF-8: undecodable bytes (a command line or file read with
+    ``surrogateescape``) and lone surrogates become U+FFFD, as a terminal would show them."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+def _message(m) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        raise IFPError("a message must be a dict with a 'role' and a text 'content'")
+    return {**m, "content": clean_text(m["content"])}
 
 
 def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
@@ -26,15 +43,19 @@ def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise IFPError("empty prompt")
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": clean_text(prompt)}]
     elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-        messages = list(prompt)
+        messages = [_message(m) for m in prompt]
     elif isinstance(prompt, (list, tuple)) and prompt:
         return list(prompt)  # token ids: the model checks them (check_tokens)
     else:
         raise IFPError("empty prompt")
     if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        try:
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as e:  # jinja errors of a damaged template, raise_exception(), ...
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise IFPError(f"the model's chat template fails on this conversation: {first}")
     return tokenizer.encode("\n".join(m["content"] for m in messages))
 
 
@@ -109,6 +130,7 @@ def stream_generate(
     prompt_cache: Optional[list] = None,
     reselect: bool = True,
     max_kl: Optional[float] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
     **kwargs,
 ) -> Iterator[IFPResponse]:
     """Like ``mlx_lm.stream_generate`` but prunes the FFNs for this prompt first.
@@ -116,14 +138,15 @@ def stream_generate(
     ``keep``: fraction of FFN units kept per layer (1.0 = dense), a per-layer list, ``"auto"``
     (the smallest calibrated keep whose expected KL to the dense model is ≤ ``max_kl``), or
     None for the folder's default. With ``reselect=False`` the current selection is kept
-    (multi-turn "first-turn" policy). ``kwargs`` go to mlx-lm (``sampler=``, ...).
+    (multi-turn "first-turn" policy). ``progress(done, total)`` hears how many prompt tokens
+    are prefilled (first with 0, before any work). ``kwargs`` go to mlx-lm (``sampler=``, ...).
     """
     from .calibrate import resolve
     from .selection import budget_units
 
     tokens = model.check_tokens(prompt_tokens(tokenizer, prompt))
-    if max_tokens == 0:
-        raise IFPError("max_tokens must be non-zero")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise IFPError(f"max_tokens must be a whole number ≥ 1, not {max_tokens!r}")
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     limit = context_length(model)
     used = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
@@ -132,6 +155,8 @@ def stream_generate(
     choice = resolve(model, keep, predictor, max_kl)
     budget_units(choice.keep, model.ffn_units)  # validate early
 
+    if progress is not None:
+        progress(0, len(tokens))
     stats = IFPStats(prompt_tokens=len(tokens), store=model.ffn_store)
     read0, calls0 = model.ffn_io
     mx.reset_peak_memory()
@@ -140,7 +165,8 @@ def stream_generate(
     if is_dense(choice.keep):
         model.dense()
     elif reselect or model.selection is None:
-        sel: Selection = model.select(tokens, keep, predictor, cache=cache, max_kl=max_kl)
+        with prefill_progress(progress and (lambda done, _: progress(done, len(tokens)))):
+            sel: Selection = model.select(tokens, keep, predictor, cache=cache, max_kl=max_kl)
         stats.score_prefill_ms = sel.score_ms
         stats.select_ms = sel.select_ms
         stats.materialize_ms = sel.materialize_ms
@@ -153,6 +179,9 @@ def stream_generate(
         stats.expected_kl, stats.max_kl = sel.expected_kl, sel.max_kl
     ttft_start = time.perf_counter() - tic
 
+    if progress is not None:
+        done = len(tokens) - len(rest)
+        kwargs["prompt_progress_callback"] = lambda n, _: progress(done + n, len(tokens))
     for resp in _mlx_stream_generate(
         model, tokenizer, rest, max_tokens=max_tokens, prompt_cache=cache, **kwargs
     ):

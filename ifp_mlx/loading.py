@@ -1,6 +1,5 @@
 """Load an ifp-mlx model folder into an mlx-lm model with unit-major FFNs."""
 
-import re
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -9,7 +8,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .errors import IFPError, read_json, write_json
+from .errors import IFPError, looks_like_repo_id, read_json, write_json
 from .model import FORMAT_VERSION, find_ffns, to_unit_major
 from .selection import IFPMixin
 from .store import (
@@ -22,6 +21,7 @@ from .store import (
     template,
     unit_arrays,
 )
+from .validate import check_folder, check_ifp_block, check_vocabulary
 
 FFN_STORES = ("memory", "flash")
 _CLASSES = {}
@@ -65,7 +65,7 @@ def _resolve(path: Union[str, Path]) -> Path:
     p = Path(path)
     if p.is_dir():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not p.exists():
+    if looks_like_repo_id(str(path)):
         from huggingface_hub import snapshot_download
 
         try:
@@ -82,6 +82,7 @@ def read_ifp_config(path: Path) -> dict:
         raise IFPError(
             f"{path} is not an ifp-mlx model folder (convert it: ifp-convert {path} OUT)"
         )
+    check_ifp_block(path, ifp)
     if ifp.get("format_version", 0) > FORMAT_VERSION:
         raise IFPError(f"{path} uses ifp format {ifp['format_version']}; upgrade ifp-mlx")
     return config
@@ -104,7 +105,9 @@ def load(
 
         path = default_model()
     path = _resolve(path)
-    ifp_config = read_ifp_config(path)["ifp"]
+    full_config = read_ifp_config(path)
+    check_folder(path, full_config)
+    ifp_config = full_config["ifp"]
     spec = None
     if ifp_config.get("ffn_store") is not None:
         spec = FileSpec.from_dict(ifp_config["ffn_store"], path)
@@ -124,7 +127,7 @@ def load(
 
     try:
         model, config = load_model(path, lazy=lazy, get_model_classes=classes)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, TypeError) as e:
         raise IFPError(f"cannot load {path}: {str(e).splitlines()[0][:200]}")
     object.__setattr__(model, "_ifp_config", ifp_config)
     head = None
@@ -146,7 +149,11 @@ def load(
         raise IFPError(
             f"{path}: ifp budget has {len(budget)} layers, the model {len(model.ffn_units)}"
         )
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # the tokenizer libraries raise anything on a damaged file
+        raise IFPError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:160]})")
+    check_vocabulary(path, tokenizer, model.vocab_size)
     return model, tokenizer
 
 

@@ -81,7 +81,8 @@ def test_code_pickle_is_refused_never_executed(tiny_bin, tmp_path, capsys):
     marker = tmp_path / "executed"
     torch.save({"model.embed_tokens.weight": Boom(str(marker))}, src / "pytorch_model.bin")
     err = run_cli(capsys, src, tmp_path / "out")
-    assert "cannot read" in err and "state dict" in err
+    assert "cannot read" in err and "state dict" in err and "never executes" in err
+    assert "weights_only" not in err  # never torch's advice to load it unsafely
     assert not marker.exists()
 
 
@@ -145,22 +146,63 @@ def test_existing_output_needs_force(tiny_bin, tmp_path, capsys):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
 def test_interrupted_write_leaves_nothing(tiny_bin, tmp_path, capsys, monkeypatch, exc):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    core.convert(tiny_bin, out, progress=False)  # an earlier conversion, to be replaced
+    before = sorted(p.name for p in out.iterdir())
     real_save = core.write_model_files
 
     def save_then_fail(path, model):
         real_save(path, model)  # weights half-written into the temp folder
-        raise exc("disk full" if exc is OSError else None)
+        raise exc(28, "No space left on device") if exc is OSError else exc()
 
     monkeypatch.setattr(core, "write_model_files", save_then_fail)
-    if exc is KeyboardInterrupt:
-        run_cli(capsys, tiny_bin, out, "--force")
-    else:
-        with pytest.raises(OSError):
-            core.convert(tiny_bin, out, force=True, progress=False)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    err = run_cli(capsys, tiny_bin, out, "--force")
+    if exc is OSError:  # disk full: one line, not a traceback
+        assert f"cannot write {out}: No space left on device" in err
+    assert sorted(p.name for p in out.iterdir()) == before
     assert no_leftovers(tmp_path, "out")
+
+
+def test_force_replaces_only_a_model_folder(tiny_bin, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert "is not an ifp-mlx model folder" in run_cli(capsys, tiny_bin, mine, "--force")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    monkeypatch.chdir(mine)
+    assert "is the current folder" in run_cli(capsys, tiny_bin, ".", "--force")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    core.convert(tiny_bin, empty, force=True, progress=False)  # an empty folder may go
+    core.convert(tiny_bin, empty, force=True, progress=False)  # and a model folder
+    assert (empty / "config.json").is_file()
+
+
+def test_unwritable_or_full_output_fails_before_reading(tiny_bin, tmp_path, capsys, monkeypatch):
+    from ifp_mlx.convert import writer
+
+    read = []
+    monkeypatch.setattr(core, "read_source", lambda *a, **k: read.append(1))
+    (tmp_path / "file").write_text("x")
+    assert "is not a writable folder" in run_cli(capsys, tiny_bin, tmp_path / "file" / "out")
+    assert "is not a writable folder" in run_cli(capsys, tiny_bin, "/proc/ifp-out")
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: Usage)
+    err = run_cli(capsys, tiny_bin, tmp_path / "out")
+    assert "not enough room" in err and "GB are free" in err
+    assert not read and not (tmp_path / "out").exists()
+
+
+def test_a_missing_path_is_never_sent_to_the_hub(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(core, "_download", lambda *a: calls.append(a))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert "no such file or folder: models/smol" in run_cli(capsys, "models/smol", "out")
+    assert "no such file or folder" in run_cli(capsys, "./org/name", "out")
+    assert not calls
 
 
 def test_bad_options(tiny_bin, tmp_path, capsys):

@@ -49,8 +49,12 @@ def refused(folder, needle: str) -> str:
     return msg
 
 
-def test_missing_folder(tmp_path):
+def test_missing_folder(tmp_path, monkeypatch):
     refused(tmp_path / "nowhere", "no such model folder")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # "models/smol" is a path with a typo, not a hub repo
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: 1 / 0)
+    refused("models/smol", "no such model folder: models/smol")
 
 
 def test_a_folder_that_is_not_a_model(tmp_path):
@@ -74,7 +78,7 @@ def test_a_newer_format_asks_for_an_upgrade(folder):
 def test_missing_weights(folder):
     for f in folder.glob("model*.safetensors"):
         f.unlink()
-    refused(folder, "cannot load")
+    refused(folder, "lists model.safetensors, which is missing")
 
 
 def test_missing_predictor_file(folder):
@@ -95,10 +99,73 @@ def test_predictor_made_for_another_model(folder):
     refused(folder, "the learned predictor was made for another model")
 
 
-@pytest.mark.parametrize("entry", ["learned", {"type": "learned", "file": "x"}])
-def test_damaged_predictor_entry(folder, entry):
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ("learned", "ifp.predictor must be an object or null"),
+        ({"type": "learned", "file": "x"}, "the ifp.predictor entry is damaged"),
+    ],
+)
+def test_damaged_predictor_entry(folder, entry, needle):
     edit_ifp(folder, predictor=entry)
-    refused(folder, "the ifp.predictor entry is damaged")
+    refused(folder, needle)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda f: _truncate(f / "model.safetensors"), "model.safetensors: truncated"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\xff" * 64), "not a readable safetensors"),
+        (lambda f: [(f / n).unlink() for n in ("model.safetensors", "model.safetensors.index.json")], "no model*.safetensors weights"),
+        (lambda f: (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-2.safetensors"}})), "lists model-2.safetensors, which is missing"),
+        (lambda f: (f / "model.safetensors.index.json").write_text("{}"), "no weight_map"),
+        (lambda f: (f / "tokenizer.json").unlink(), "missing tokenizer"),
+        (lambda f: (f / "tokenizer.json").write_text("{oops"), "garbled tokenizer file"),
+        (lambda f: (f / "tokenizer.json").write_text('{"model": 3}'), "cannot load the tokenizer"),
+    ],
+    ids=["truncated-shard", "garbled-shard", "no-weights", "index-missing-shard",
+         "index-without-map", "no-tokenizer", "garbled-tokenizer", "damaged-tokenizer"],
+)  # fmt: skip
+def test_damaged_files_are_named(folder, damage, needle):
+    damage(folder)
+    msg = refused(folder, needle)
+    assert "reconvert" in msg or "tokenizer" in msg
+
+
+@pytest.mark.parametrize(
+    "entry,value,needle",
+    [
+        ("budget", 0.5, "ifp.budget must be a list of keeps"),
+        ("format_version", "2", "ifp.format_version must be an integer"),
+        ("protect", [4], "ifp.protect must be [first, last]"),
+        ("default_max_kl", -1, "ifp.default_max_kl must be a positive number"),
+        ("compensate", "yes", "ifp.compensate must be true or false"),
+        ("ffn_units", "many", "ifp.ffn_units must be a list of integers"),
+    ],
+)
+def test_ifp_block_types(folder, entry, value, needle):
+    edit_ifp(folder, **{entry: value})
+    refused(folder, needle)
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 10**12), ("hidden_size", -4),
+                                       ("vocab_size", "big")])  # fmt: skip
+def test_implausible_model_sizes(folder, key, value):
+    cfg = read_config(folder)
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    refused(folder, f"{key} = ")
+
+
+def test_a_tokenizer_of_another_model_is_refused_at_load(folder):
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["model"]["vocab"]["w9"] = 10**9
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    refused(folder, "the tokenizer has token ids up to 1000000000, the model's vocabulary is 96")
 
 
 def test_cli_prints_one_line(folder):

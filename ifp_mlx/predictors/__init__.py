@@ -5,8 +5,10 @@ activation predictor runs the dense prefill anyway, so decoding reuses its KV ca
 how many prompt tokens it left in the cache.
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,6 +37,26 @@ class Predictor(Protocol):
     name: str
 
     def score(self, model: nn.Module, tokens: List[int], cache: Optional[list]) -> Scores: ...
+
+
+# Who hears a predictor's prefill progress (done, total tokens): long prompts take minutes
+# on a CPU, and a dense scoring pass is most of that. Set by ``stream_generate``.
+_PROGRESS: ContextVar[Optional[Callable[[int, int], None]]] = ContextVar("ifp_prefill_progress", default=None)  # fmt: skip
+
+
+@contextmanager
+def prefill_progress(callback: Optional[Callable[[int, int], None]]):
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def report_prefill(done: int, total: int) -> None:
+    callback = _PROGRESS.get()
+    if callback is not None:
+        callback(done, total)
 
 
 _REGISTRY: Dict[str, type] = {}

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..model import tap_ffns
-from . import Compensation, Scores, register
+from . import Compensation, Scores, register, report_prefill
 
 PREFILL_STEP = 512
 
@@ -62,6 +62,7 @@ class ActivationPredictor:
                 if comp:
                     outs = _add(outs, [o.pop() for o in tap.outputs])
                 mx.eval(sums, outs or [], [c.state for c in run])
+                report_prefill(start + chunk.shape[1], len(body))
         prefilled = 0 if own else len(body)
         if not comp:
             return Scores([mx.sqrt(s) for s in sums], prefilled)
