@@ -46,8 +46,17 @@ def main(argv=None) -> None:
         help="default: the folder's (ifp.default_predictor, else learned if trained, else activation)",
     )
     m.add_argument("--json", default="results/bench-memory.json")
+    sv = sub.add_parser("serve", help="load test of ifp-serve: concurrent mixed requests")
+    sv.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    sv.add_argument("--requests", type=int, default=200)
+    sv.add_argument("--clients", type=int, default=8)
+    sv.add_argument("--max-tokens", type=int, default=16)
+    sv.add_argument("--max-queue", type=int, default=8)
+    sv.add_argument("--json", default="results/bench-serve.json")
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):
+        if args.cmd == "serve":
+            return run_serve(args)
         if args.cmd == "speed":
             return run_speed(args)
         if args.cmd == "policy":
@@ -73,6 +82,27 @@ def write_json(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+
+
+def run_serve(args) -> None:
+    from ..errors import IFPError
+    from ..serve_load import run_serve_load
+
+    if args.requests < 1 or args.clients < 1 or args.max_tokens < 1 or args.max_queue < 0:
+        raise IFPError("--requests, --clients, --max-tokens must be ≥ 1, --max-queue ≥ 0")
+    r = run_serve_load(args.model, args.requests, args.clients, args.max_tokens, args.max_queue)
+    print(f"{r['model']}: {r['requests']} requests from {r['clients']} clients in "
+          f"{r['wall_s']:.1f} s ({r['throughput_rps']:.2f} answered/s)")  # fmt: skip
+    print(f"answered {r['answered']}, 429 {r['busy_429']}, cancelled {r['cancelled']}, invalid "
+          f"rejected {r['invalid_rejected']}/{r['invalid']}, 5xx {r['server_errors']}, hung "
+          f"{r['hung']}, valid unanswered {r['valid_unanswered']}")  # fmt: skip
+    lat, c = r["latency_ms"], r["conversation_ttft_ms"]
+    print(f"latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms | server RSS idle "
+          f"{r['rss_idle_mb']:.0f} MB, after {r['rss_after_mb']:.0f} MB")  # fmt: skip
+    print("3-turn conversation TTFT, turns 2-3: reused "
+          + ", ".join(f"{x:.0f}" for x in c["reused"]) + " ms vs fresh "
+          + ", ".join(f"{x:.0f}" for x in c["fresh"]) + " ms")  # fmt: skip
+    write_json(args.json, r)
 
 
 def run_speed(args) -> None:

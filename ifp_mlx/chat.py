@@ -29,6 +29,42 @@ def check_policy(policy: str) -> str:
     return policy
 
 
+class PromptCache:
+    """A KV cache and the tokens it holds. A prompt that extends them (the next turn of a
+    conversation, or an API request that resends it) feeds only what is new: the cache is
+    trimmed back to the common prefix, or rebuilt when it cannot be trimmed (a rotated
+    sliding-window cache)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = make_prompt_cache(self.model)
+        self.tokens: List[int] = []
+
+    @property
+    def offset(self) -> int:
+        return self.cache[0].offset if hasattr(self.cache[0], "offset") else 0
+
+    def new_tokens(self, full: List[int]) -> List[int]:
+        """Trim the cache back to what ``full`` shares with it; return what is left to feed."""
+        n = common_prefix_len(self.tokens, full)
+        n = min(n, len(full) - 1)  # always feed at least one token
+        extra = self.offset - n
+        if extra > 0:
+            if can_trim_prompt_cache(self.cache):
+                trim_prompt_cache(self.cache, extra)
+            else:
+                self.cache, n = make_prompt_cache(self.model), 0
+        return full[n:]
+
+    def commit(self, full: List[int], generated: List[int], started: bool) -> None:
+        """After a generation (finished, stopped or failed): the tokens the cache now holds."""
+        held = (full + generated) if started else self.tokens
+        self.tokens = held[: self.offset]
+
+
 @dataclass
 class Conversation:
     model: nn.Module
@@ -72,22 +108,17 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = make_prompt_cache(self.model)
-        self.cache_tokens: List[int] = []
+        self.prompt_cache = PromptCache(self.model)
         self._selected = False
         self.model.release()
 
-    def _new_tokens(self, full: List[int]) -> List[int]:
-        """Trim the cache back to what ``full`` shares with it; return what is left to feed."""
-        n = common_prefix_len(self.cache_tokens, full)
-        n = min(n, len(full) - 1)  # always feed at least one token
-        extra = self.cache[0].offset - n if hasattr(self.cache[0], "offset") else 0
-        if extra > 0:
-            if can_trim_prompt_cache(self.cache):
-                trim_prompt_cache(self.cache, extra)
-            else:
-                self.cache, n = make_prompt_cache(self.model), 0
-        return full[n:]
+    @property
+    def cache(self) -> list:
+        return self.prompt_cache.cache
+
+    @property
+    def cache_tokens(self) -> List[int]:
+        return self.prompt_cache.tokens
 
     def ask(self, text: str, max_tokens: int = 512, **kwargs) -> Iterator[IFPResponse]:
         """Stream the answer to a new user message; the answer is added to the conversation
@@ -96,7 +127,7 @@ class Conversation:
             raise IFPError("empty message")
         messages = self.messages + [{"role": "user", "content": text}]
         full = prompt_tokens(self.tokenizer, messages)
-        new = self._new_tokens(full)
+        new = self.prompt_cache.new_tokens(full)
         reselect = not is_dense(self.choice.keep) and (
             self.policy == "per-turn" or not self._selected
         )
@@ -124,7 +155,4 @@ class Conversation:
         finally:
             if started:
                 self.messages.append({"role": "assistant", "content": answer})
-            offset = self.cache[0].offset
-            self.cache_tokens = (
-                (full + generated)[:offset] if started else self.cache_tokens[:offset]
-            )
+            self.prompt_cache.commit(full, generated, started)

@@ -38,8 +38,8 @@ MUTANTS = [
     M(
         "chat-no-cache-reuse",
         "ifp_mlx/chat.py",
-        "        n = common_prefix_len(self.cache_tokens, full)\n",
-        "        self.cache, self.cache_tokens = make_prompt_cache(self.model), []\n        n = 0\n",
+        "        n = common_prefix_len(self.tokens, full)\n",
+        "        self.reset()\n        n = 0\n",
         ["tests/test_chat.py"],
         "a chat that throws the KV cache away every turn",
     ),

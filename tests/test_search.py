@@ -4,8 +4,8 @@ import json
 import shutil
 
 import numpy as np
-from scipy.stats import spearmanr
 import pytest
+from scipy.stats import spearmanr
 
 import ifp_mlx
 from ifp_mlx.apps import search as search_app

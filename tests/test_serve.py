@@ -1,0 +1,245 @@
+"""ifp-serve: the real server on a loopback port, driven by the official openai client and by
+raw HTTP for bad requests."""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ifp_mlx.convert import convert
+from tests.helpers import make_tiny_hf
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder, *flags):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ifp_mlx.apps.serve", "--model", str(folder),
+             "--port", str(self.port), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read())
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not start")
+
+    def request(self, method, path, body=None, headers=None, key=KEY, raw=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers=h)
+        res = conn.getresponse()
+        out = res.read()
+        conn.close()
+        return res.status, json.loads(out) if out else None, dict(res.getheaders())
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=KEY, max_retries=0)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    src = make_tiny_hf("llama", root / "hf", seed=21, max_position_embeddings=4096)
+    convert(src, root / "m", progress=False)
+    return root / "m"
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    s = Server(folder, "--api-key", KEY, "--max-body-mb", "0.05", "--max-queue", "0")
+    yield s
+    s.stop()
+
+
+MESSAGES = [{"role": "user", "content": "w5 w6 w7"}]
+
+
+def test_chat_with_the_openai_client(server):
+    client = server.client()
+    r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6,
+                                       extra_body={"keep": 0.5})  # fmt: skip
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == 6  # w3 w5 w6 w7 w4 w5
+    ifp = r.model_extra["ifp"]
+    assert ifp["keep"] == pytest.approx(0.5, abs=0.02) and ifp["predictor"] == "activation"
+    assert ifp["materialize_ms"] > 0 and ifp["reselected"] is True
+    stream = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6,
+                                            extra_body={"keep": 0.5}, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]  # fmt: skip
+    assert finish == ["length"] and chunks[-1].usage.completion_tokens == 6
+    dense = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6,
+                                           extra_body={"keep": 1.0})  # fmt: skip
+    assert dense.model_extra["ifp"]["keep"] == 1.0 and dense.model_extra["ifp"]["predictor"] == "dense"  # fmt: skip
+
+
+def test_text_completions_stop_and_models(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["m"]
+    r = client.completions.create(model="m", prompt="w5 w6", max_tokens=8)
+    text = r.choices[0].text
+    assert r.choices[0].finish_reason == "length" and text
+    word = text.split()[1] if len(text.split()) > 1 else text.split()[0]
+    cut = client.completions.create(model="m", prompt="w5 w6", max_tokens=8, stop=[word])
+    assert cut.choices[0].finish_reason == "stop" and word not in cut.choices[0].text
+    assert text.startswith(cut.choices[0].text)
+
+
+def test_a_conversation_reuses_its_cache_and_units(server):
+    client = server.client()
+    messages = [{"role": "user", "content": " ".join(f"w{i}" for i in range(10, 60))}]
+    reports = []
+    for turn in range(3):
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=4,
+                                           extra_body={"keep": 0.5}, stream=False)  # fmt: skip
+        reports.append(r.model_extra["ifp"])
+        messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": f"w{20 + turn} w{30 + turn}"}]  # fmt: skip
+    assert reports[0]["reselected"] and reports[0]["reused_prompt_tokens"] == 0
+    for later in reports[1:]:  # first-turn: neither a new selection nor a re-prefill
+        assert not later["reselected"] and later["reused_prompt_tokens"] > 50
+        assert later["materialize_ms"] == 0
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=2,
+                                       extra_body={"keep": 0.5, "policy": "per-turn"})  # fmt: skip
+    assert r.model_extra["ifp"]["reselected"] and r.model_extra["ifp"]["reused_prompt_tokens"] > 50
+
+
+def test_dense_requests_match_ifp_generate(server, folder):
+    client = server.client()
+    r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10,
+                                       temperature=1.0, seed=7, extra_body={"keep": 1})  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "ifp_mlx.apps.generate", "--model", str(folder), "--prompt",
+         "w5 w6 w7", "--keep", "1", "--temp", "1.0", "--seed", "7", "--max-tokens", "10"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert r.choices[0].message.content == res.stdout.rstrip("\n")
+
+
+def _error(server, status, method="POST", path="/v1/chat/completions", **kw):
+    got, body, headers = server.request(method, path, **kw)
+    assert got == status, (got, body)
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"], headers
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "  "}]}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "w5"}]}, "messages"),
+        ({"messages": "w5"}, "messages"),
+        ({"messages": MESSAGES, "max_tokens": "many"}, "max_tokens"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "temperature": 5}, "temperature"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "seed": -1}, "seed"),
+        ({"messages": MESSAGES, "stop": [1, 2]}, "stop"),
+        ({"messages": MESSAGES, "stream": "yes"}, "stream"),
+        ({"messages": MESSAGES, "keep": 2}, "keep"),
+        ({"messages": MESSAGES, "keep": [0.5]}, None),  # one layer given, the model has 2
+        ({"messages": MESSAGES, "predictor": "magic"}, "predictor"),
+        ({"messages": MESSAGES, "policy": "never"}, "policy"),
+        ({"messages": MESSAGES, "n": 3}, "n"),
+    ],
+)
+def test_invalid_requests_are_400(server, body, param):
+    err, _ = _error(server, 400, body=body)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_malformed_bodies_and_routes(server):
+    assert _error(server, 400, raw=b"{not json")[0]["message"].startswith("the body is not valid JSON")  # fmt: skip
+    assert "UTF-8" in _error(server, 400, raw=b'{"messages": "\xff\xfe"}')[0]["message"]
+    assert _error(server, 400, body=[1, 2])[0]["message"] == "the body must be a JSON object"
+    assert _error(server, 400, path="/v1/completions", body={"prompt": ""})[0]["param"] == "prompt"
+    assert _error(server, 404, body={"model": "gpt-9", "messages": MESSAGES})[0]["code"] == "model_not_found"  # fmt: skip
+    assert _error(server, 413, raw=b'{"x": "' + b"a" * 60000 + b'"}')[0]["code"] == "request_too_large"  # fmt: skip
+    assert _error(server, 404, method="GET", path="/v1/nothing")[0]["code"] == "not_found"
+    assert _error(server, 405, method="GET", path="/v1/chat/completions")
+    assert _error(server, 401, key=None, body={"messages": MESSAGES})[0]["type"] == "authentication_error"  # fmt: skip
+    assert _error(server, 401, key="wrong", method="GET", path="/v1/models")
+    assert server.request("GET", "/health", key=None)[0] == 200  # no key needed
+    big = [{"role": "user", "content": "w5 " * 5000}]  # past the 4096-token context
+    assert "context" in _error(server, 400, body={"messages": big, "max_tokens": 2}, raw=None)[0]["message"]  # fmt: skip
+
+
+def _stream_open(server, max_tokens):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "keep": 0.5}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    res = conn.getresponse()
+    assert res.status == 200
+    res.readline()  # the first event: generation is running
+    return conn, res
+
+
+def test_busy_is_429_and_a_cancelled_stream_frees_the_model(server):
+    """--max-queue 0: while one answer streams, another request gets 429 + Retry-After; the
+    streaming client hangs up and the model is free again at once (not after its 4000 tokens)."""
+    conn, res = _stream_open(server, 4000)
+    err, headers = _error(server, 429, body={"messages": MESSAGES, "max_tokens": 2})
+    assert err["type"] == "rate_limit_error" and headers.get("retry-after") == "1"
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline, status = time.time() + 20, None
+    while time.time() < deadline:
+        status = server.request("POST", "/v1/chat/completions",
+                                body={"messages": MESSAGES, "max_tokens": 2})[0]  # fmt: skip
+        if status == 200:
+            break
+        time.sleep(0.2)
+    assert status == 200
+
+
+def test_serve_load_bench(folder, tmp_path):
+    """ifp-bench serve: 200 requests from 8 clients (streamed, plain, cancelled, invalid)."""
+    out = tmp_path / "serve.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "ifp_mlx.apps.bench", "serve", "--model", str(folder),
+         "--requests", "200", "--clients", "8", "--max-tokens", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["requests"] == 200 and r["server_errors"] == 0 and r["hung"] == 0
+    assert r["valid_unanswered"] == 0 and r["invalid_rejected"] == r["invalid"] > 0
+    assert r["cancelled"] > 0 and r["rss_after_mb"] <= 1.1 * r["rss_idle_mb"]
+    assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] and r["throughput_rps"] > 0
+    assert str(folder) not in out.read_text()
