@@ -127,10 +127,15 @@ def _download(repo: str, revision: Optional[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    try:  # honours HF_HOME, HF_HUB_OFFLINE (no network when the cache has it) and revisions
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        if not any(folder.glob("*.safetensors")):  # an older repo: torch pickles only
+            pickles = patterns + ["*.bin", "*.pt", "*.pth"]
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=pickles))
+        return folder
     except Exception as e:
-        raise IFPError(f"cannot download {repo} from the hub: {str(e).splitlines()[0][:200]}")
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise IFPError(f"cannot get {repo} from the hub or its cache: {first}")
 
 
 def build_model(config: dict) -> nn.Module:
@@ -166,6 +171,30 @@ def check_weights(model: nn.Module, weights: dict) -> None:
     missing = [n for n in expected if n not in weights]
     if missing:
         raise IFPError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+
+
+def keep_source_quantization(model: nn.Module, source: dict) -> None:
+    """A quantized source's own tensors wherever its layout is ours (attention, embeddings,
+    gate/up: quantized along the input), so they are not quantized twice; only the FFN
+    down projections, unit-major here, are requantized."""
+    downs = tuple(f"{path}.down_proj." for path, _ in find_ffns(model))
+    updates = []
+    for name, value in tree_flatten(model.parameters()):
+        src = source.get(name)
+        if name.startswith(downs) or src is None or src.shape != value.shape:
+            continue
+        same_kind = mx.issubdtype(src.dtype, mx.floating) == mx.issubdtype(value.dtype, mx.floating)
+        if same_kind:
+            updates.append((name, src.astype(value.dtype)))
+    model.load_weights(updates, strict=False)
+    mx.eval(model.parameters())
+
+
+def _nearest_quantization(q: dict):
+    """The source's bits and group size, or the nearest this layout supports (4/8 bits)."""
+    bits = q.get("bits") if q.get("bits") in Q_BITS else (8 if (q.get("bits") or 4) > 4 else 4)
+    group = q.get("group_size") if q.get("group_size") in Q_GROUP_SIZES else 64
+    return bits, group
 
 
 def _check_options(dtype: str, quantize: bool, q_bits: int, q_group_size: int) -> None:
@@ -235,6 +264,8 @@ def convert(
         raise IFPError(f"--tokenizer {tokenizer} is not a folder")
 
     ckpt = read_source(source, Path(config) if config else None, revision, progress)
+    if ckpt.quantization and not quantize:  # a quantized mlx-lm folder stays quantized
+        quantize, q_bits, q_group_size = True, *_nearest_quantization(ckpt.quantization)
     cfg = fix_config(ckpt.config)
     model = build_model(cfg)
     weights = model.sanitize(ckpt.weights) if hasattr(model, "sanitize") else ckpt.weights
@@ -272,6 +303,8 @@ def convert(
                 model, cfg = quantize_model(
                     model, cfg, q_group_size, q_bits, quant_predicate=predicate
                 )
+            if ckpt.quantized and ckpt.quantization == {"bits": q_bits, "group_size": q_group_size}:
+                keep_source_quantization(model, ckpt.quantized)
             quant = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"}
             if q_down_bits is not None:
                 quant["down_proj_bits"] = q_down_bits

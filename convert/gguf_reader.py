@@ -153,5 +153,7 @@ def _gguf_tokenizer(meta: dict, arch: str):
         token_id = meta.get(f"tokenizer.ggml.{key}")
         if token_id is not None:
             tok_config[name] = tok_dict["tokens"][int(token_id)]
-    backend, extra = convert_gguf_tokenizer(_MODEL_TYPES.get(arch, arch), tok_dict)
+    # transformers picks the builder by the GGUF architecture ("gemma3": no "▁" before the
+    # first word, as add_space_prefix = false says), not by the model type it maps it to
+    backend, extra = convert_gguf_tokenizer(arch, tok_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)

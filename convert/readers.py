@@ -37,6 +37,8 @@ class Checkpoint:
     tokenizer: Optional[object] = None
     source: str = ""
     predictor: Optional[Path] = None  # an ifp-mlx source folder whose predictor carries over
+    quantization: Optional[dict] = None  # a quantized source's bits / group_size (mlx-lm)
+    quantized: Optional[dict] = None  # and its own quantized tensors
 
 
 def read_config(path: Path) -> dict:
@@ -134,6 +136,8 @@ def read_folder(folder: Path, progress: Callable = iter) -> Checkpoint:
     config = read_config(folder / "config.json")
     if "ifp" in config:
         return read_ifp_folder(folder)
+    if isinstance(config.get("quantization"), dict):
+        return read_mlx_lm_folder(folder, config)
     weights: Dict[str, mx.array] = {}
     for f in progress(_weight_files(folder)):
         weights.update(load_weight_file(f))
@@ -157,6 +161,29 @@ def read_ifp_folder(folder: Path) -> Checkpoint:
     config = read_config(folder / "config.json")
     has_predictor = bool(config["ifp"].get("predictor"))
     return Checkpoint(weights, config, folder, str(folder), folder if has_predictor else None)
+
+
+def read_mlx_lm_folder(folder: Path, config: dict) -> Checkpoint:
+    """A quantized folder made by mlx-lm (``mlx_lm.convert -q``, mlx-community models):
+    loaded by mlx-lm itself, dequantized to float. Its ``down_proj`` groups run along the FFN
+    units, so a unit is no row gather there: the converter requantizes it unit-major (by
+    default at the source's bits and group size; the README gives the measured cost)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    try:
+        model, _ = load_model(folder)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise IFPError(f"cannot load {folder} as an mlx-lm model folder: {first}")
+    packed = dict(tree_flatten(model.parameters()))  # kept where the layouts agree
+    weights = dict(tree_flatten(dequantize_model(model).parameters()))
+    q = config["quantization"]
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    ckpt = Checkpoint(weights, config, tokenizer=folder, source=str(folder))
+    ckpt.quantization = {"bits": q.get("bits"), "group_size": q.get("group_size")}
+    ckpt.quantized = packed
+    return ckpt
 
 
 def read_state_dict(path: Path, config_path: Optional[Path]) -> Checkpoint:

@@ -9,7 +9,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .errors import IFPError, looks_like_repo_id, read_json, write_json
-from .model import FORMAT_VERSION, find_ffns, to_unit_major
+from .model import FORMAT_VERSION, exact_embed_scale, find_ffns, to_unit_major
 from .selection import IFPMixin
 from .store import (
     FileSpec,
@@ -75,12 +75,15 @@ def _resolve(path: Union[str, Path]) -> Path:
     raise IFPError(f"no such model folder: {path}")
 
 
-def read_ifp_config(path: Path) -> dict:
+def read_ifp_config(path: Path, name: Optional[str] = None) -> dict:
+    """The folder's config with its ``ifp`` block; ``name`` is how the user named it (a hub
+    repo id resolves to a cache folder, but the advice should repeat the id)."""
+    name = name or str(path)
     config = read_json(path / "config.json")
     ifp = config.get("ifp")
     if not isinstance(ifp, dict):
         raise IFPError(
-            f"{path} is not an ifp-mlx model folder (convert it: ifp-convert {path} OUT)"
+            f"{name} is not an ifp-mlx model folder (convert it: ifp-convert {name} OUT)"
         )
     check_ifp_block(path, ifp)
     if ifp.get("format_version", 0) > FORMAT_VERSION:
@@ -104,8 +107,9 @@ def load(
         from .bundled import default_model
 
         path = default_model()
+    name = str(path)
     path = _resolve(path)
-    full_config = read_ifp_config(path)
+    full_config = read_ifp_config(path, name)
     check_folder(path, full_config)
     ifp_config = full_config["ifp"]
     spec = None
@@ -129,6 +133,7 @@ def load(
         model, config = load_model(path, lazy=lazy, get_model_classes=classes)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, TypeError) as e:
         raise IFPError(f"cannot load {path}: {str(e).splitlines()[0][:200]}")
+    exact_embed_scale(model)
     object.__setattr__(model, "_ifp_config", ifp_config)
     head = None
     if ifp_config.get("predictor"):
@@ -152,7 +157,11 @@ def load(
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:  # the tokenizer libraries raise anything on a damaged file
-        raise IFPError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:160]})")
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise IFPError(
+            f"{path}: cannot load the tokenizer ({first}); reconvert the folder or copy its "
+            "tokenizer files again"
+        )
     check_vocabulary(path, tokenizer, model.vocab_size)
     return model, tokenizer
 

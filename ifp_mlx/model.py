@@ -123,7 +123,32 @@ def dequantize(model: nn.Module) -> nn.Module:
     for _, mlp in find_ffns(model):
         if isinstance(mlp.down_proj, QuantizedUnitLinear):
             mlp.down_proj = mlp.down_proj.dequantized()
-    return dequantize_model(model)
+    return exact_embed_scale(dequantize_model(model))
+
+
+_SCALED: dict = {}
+
+
+def exact_embed_scale(model: nn.Module) -> nn.Module:
+    """Gemma 3's embedding scale √hidden in the weights' dtype, as transformers computes it.
+    mlx-lm rounds it to bfloat16 for every dtype (√640 → 25.25 instead of 25.298: logits 0.2 %
+    off at fp32); the embedding's output is multiplied by the ratio, which is 1 in bfloat16.
+    Re-applied whenever the embedding module is replaced (quantization, dequantization)."""
+    args = getattr(model, "args", None)
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(args, "model_type", None) != "gemma3_text" or emb is None:
+        return model
+    root = args.hidden_size**0.5
+    ratio = root / mx.array(root, dtype=mx.bfloat16).item()
+    base = type(emb)
+    if ratio == 1.0 or base in _SCALED.values():
+        return model
+    if base not in _SCALED:
+        _SCALED[base] = type(f"ExactScale{base.__name__}", (base,), {
+            "__call__": lambda self, x: base.__call__(self, x) * self.__dict__["_ifp_ratio"]})  # fmt: skip
+    emb.__class__ = _SCALED[base]
+    emb.__dict__["_ifp_ratio"] = ratio
+    return model
 
 
 def is_ffn(module: nn.Module) -> bool:

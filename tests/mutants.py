@@ -293,6 +293,14 @@ MUTANTS = [
         "the flash store reading the wrong units",
     ),
     M(
+        "gemma-embed-scale-bf16",
+        "ifp_mlx/model.py",
+        '    if getattr(args, "model_type", None) != "gemma3_text" or emb is None:',
+        "    if True:",
+        ["tests/test_tiny_families.py", "-k", "parity"],
+        "Gemma's embedding scale in bfloat16",
+    ),
+    M(
         "token-ids-unchecked",
         "ifp_mlx/selection.py",
         "            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n:",

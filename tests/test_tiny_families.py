@@ -8,9 +8,15 @@ from ifp_mlx.convert import convert
 from tests.helpers import make_tiny_hf, mlx_greedy, mlx_logits, torch_greedy, torch_logits
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
-def test_tiny_family_parity(family, tmp_path):
-    src = make_tiny_hf(family, tmp_path / "hf")
+@pytest.mark.parametrize(
+    "family,config",
+    [("llama", {}), ("qwen2", {}), ("gemma3_text", {}), ("gemma3_text", {"hidden_size": 40})],
+    ids=["llama", "qwen2", "gemma3", "gemma3-hidden40"],
+)
+def test_tiny_family_parity(family, config, tmp_path):
+    """hidden 40: √40 is not a bfloat16 number, so Gemma's embedding scale must be computed in
+    the weights' dtype as transformers does (mlx-lm rounds it to bfloat16)."""
+    src = make_tiny_hf(family, tmp_path / "hf", **config)
     out = tmp_path / "mlx"
     convert(src, out, progress=False)
     model, tok = ifp_mlx.load(out)
