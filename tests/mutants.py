@@ -142,7 +142,7 @@ MUTANTS = [
     M(
         "skip-dequantize",
         "ifp_mlx/model.py",
-        "    return dequantize_model(model)\n",
+        "    return exact_embed_scale(dequantize_model(model))\n",
         "    return model\n",
         ["tests/test_selection.py", "-k", "dequantize"],
         "dequantize that leaves 4-bit layers",
