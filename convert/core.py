@@ -266,6 +266,8 @@ def convert(
     ckpt = read_source(source, Path(config) if config else None, revision, progress)
     if ckpt.quantization and not quantize:  # a quantized mlx-lm folder stays quantized
         quantize, q_bits, q_group_size = True, *_nearest_quantization(ckpt.quantization)
+        if q_bits == 4 and q_down_bits is None:  # its down_proj requantized at 8 bits keeps
+            q_down_bits = 8  # the source's quality (README: 4-bit requantization costs 1.6 %)
     cfg = fix_config(ckpt.config)
     model = build_model(cfg)
     weights = model.sanitize(ckpt.weights) if hasattr(model, "sanitize") else ckpt.weights

@@ -52,7 +52,11 @@ def main(hf: str) -> None:
     convert(tmp / "mlx-q4", tmp / "ifp-q4d8", quantize=True, q_bits=4, q_group_size=64,
             q_down_bits=8, progress=False)  # fmt: skip
     convert(hf, tmp / "ifp-f32", progress=False)
-    src, tok = mlx_lm_load(str(tmp / "mlx-q4"))
+    # mlx-lm reads no transformers-5 rope_parameters: give it the theta, or the source would
+    # look worse than it is (ifp-convert maps them itself)
+    cfg = json.loads((tmp / "mlx-q4" / "config.json").read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    src, tok = mlx_lm_load(str(tmp / "mlx-q4"), model_config={"rope_theta": theta})
     text = next(iter(data.shakespeare_text().values()))
     tokens = tok.encode(text)[:2048]
     out = {"source": "SmolLM2-135M-Instruct fp32 -> mlx_lm.convert -q (4-bit, g64)",

@@ -363,8 +363,8 @@ def test_a_repo_id_converts_offline_from_the_hub_cache(tmp_path):
 def test_an_mlx_lm_folder_converts(tmp_path, quantized):
     """A folder made by mlx_lm.convert. Float: dense logits equal mlx_lm.load's. 4-bit g32: it
     stays 4-bit g32, every tensor but the FFN down projections is the source's own (bit for
-    bit), and down_proj, requantized along hidden, moves the logits a little (4-bit) or not
-    measurably (--q-down-bits 8)."""
+    bit), and down_proj, requantized along hidden, moves the logits not measurably at 8 bits
+    (the default) or a little at 4 bits (-q)."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
@@ -397,10 +397,10 @@ def test_an_mlx_lm_folder_converts(tmp_path, quantized):
     ours, theirs = (dict(tree_flatten(m.parameters())) for m in (model, ref_model))
     same = [k for k in theirs if ".down_proj." not in k]
     assert same and all(mx.array_equal(ours[k], theirs[k]).item() for k in same)
-    assert 1e-5 < kl(ref, got) < 0.01  # measured 0.0021 (the source's own 4-bit cost: 0.023)
-    core.convert(tmp_path / "mlx", tmp_path / "d8", quantize=True, q_group_size=32, q_down_bits=8,
-                 progress=False)  # fmt: skip
-    assert kl(ref, mlx_logits(ifp_mlx.load(tmp_path / "d8")[0], tokens)) < 1e-4  # measured 7e-6
+    assert q["down_proj_bits"] == 8 and kl(ref, got) < 1e-4  # the default; measured 7e-6
+    core.convert(tmp_path / "mlx", tmp_path / "q4", quantize=True, q_group_size=32, progress=False)
+    q4 = mlx_logits(ifp_mlx.load(tmp_path / "q4")[0], tokens)  # -q: 4-bit down_proj too
+    assert 1e-5 < kl(ref, q4) < 0.01  # measured 0.0021 (the source's own 4-bit cost: 0.023)
 
 
 def _hub_cache(home: Path, repo: str, src: Path) -> str:
