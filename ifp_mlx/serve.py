@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import IFPError
@@ -228,7 +229,6 @@ class Engine:
         try:
             from . import load
             from .chat import PromptCache
-            from .model import find_ffns  # noqa: F401  (model classes registered)
 
             self.model, self.tokenizer = load(self.cfg.model, ffn_store=self.cfg.ffn_store)
             self.cache = PromptCache(self.model)
@@ -292,7 +292,7 @@ class Engine:
                                        "reselected": reselect})  # fmt: skip
                 generated.append(resp.token)
                 text += resp.text
-                cut = min((text.find(s) for s in r.stop if s in text), default=-1)
+                cut = min((i for i in map(text.find, r.stop) if i >= 0), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
                 elif resp.finish_reason:
@@ -341,8 +341,6 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
     from starlette.routing import Route
 
     engine = engine or Engine(cfg)
-    from pathlib import Path
-
     model_id = Path(cfg.model).resolve().name if cfg.model else "SmolLM2-135M-Instruct-8bit"
     created = int(time.time())
 
