@@ -9,8 +9,12 @@ from .common import (
     add_model_flags,
     check_flags,
     keep_arg,
+    load_model,
+    rank,
     read_text_streams,
     sampler_from,
+    shard_note,
+    shared_input,
 )
 
 HELP = """commands:
@@ -69,6 +73,13 @@ def command(conv, line: str, last) -> bool:
     return True
 
 
+def _read_line():
+    try:
+        return input(">> ")
+    except EOFError:
+        return None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-chat", description="Chat with a per-prompt pruned model.")
     add_model_flags(p)
@@ -77,10 +88,9 @@ def main(argv=None) -> None:
     read_text_streams()
     with cli_errors("ifp-chat"):
         check_flags(args)
-        from .. import load
         from ..chat import Conversation
 
-        model, tokenizer = load(args.model, ffn_store=args.ffn_store)
+        model, tokenizer = load_model(args, "ifp-chat")
         conv = Conversation(
             model,
             tokenizer,
@@ -94,20 +104,25 @@ def main(argv=None) -> None:
     print(
         _dim(
             f"ifp-chat: {conv.describe()}, predictor {conv.predictor}, policy {conv.policy}, "
-            f"FFN store {conv.model.ffn_store}. "
+            f"FFN store {conv.model.ffn_store}{shard_note(model)}. "
             "/help for commands."
         )
     )
-    last = None
+    with cli_errors("ifp-chat"):  # e.g. a rank of a distributed chat lost: one line
+        _loop(conv, args, sampler)
+
+
+def _loop(conv, args, sampler) -> None:
+    model, last = conv.model, None
     while True:
         try:
-            line = input(">> ")
-        except EOFError:
-            print()
-            break
+            line = shared_input(model, _read_line)
         except KeyboardInterrupt:
             print()
             continue
+        if line is None:
+            print()
+            break
         if not line.strip():
             continue
         try:
@@ -131,7 +146,8 @@ def main(argv=None) -> None:
                 last = resp.ifp
                 print(_dim(last.line()))
         except IFPError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if rank(model) == 0:  # every rank meets the same error; one says it
+                print(f"error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

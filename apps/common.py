@@ -40,6 +40,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    "else learned when it has a trained predictor, else activation)")  # fmt: skip
     p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
     add_store_flag(p)
+    add_distributed_flags(p)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -54,6 +55,71 @@ def add_store_flag(p: argparse.ArgumentParser) -> None:
         help="memory: every FFN unit resident; flash: only the kept units are read from the "
         "model folder, per prompt (needs a folder converted by ifp-mlx >= format 2)",
     )
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one rank of an mlx.launch job: attention heads and FFN units split over "
+        "the ranks (e.g. mlx.launch --backend ring -n 2 -- PROGRAM --distributed ...)",
+    )
+    p.add_argument(
+        "--shard-policy",
+        default="global",
+        choices=("global", "balanced"),
+        help="with --distributed: global = the single-machine selection (ranks may keep "
+        "unequal counts); balanced = the top units within each rank's share (equal work)",
+    )
+
+
+def load_model(args, prog: str):
+    """``ifp_mlx.load`` as the flags ask. Under ``--distributed`` only rank 0 prints: the
+    other ranks compute the same tokens in lockstep and stay quiet."""
+    import os
+    import sys
+
+    from .. import load
+
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store, distributed=args.distributed,
+                            shard_policy=args.shard_policy)  # fmt: skip
+    if args.distributed:
+        shard = model.sharding
+        if shard.size == 1:
+            print(f"{prog}: --distributed outside mlx.launch: running as a single rank",
+                  file=sys.stderr)  # fmt: skip
+        elif shard.rank != 0:
+            sys.stdout = open(os.devnull, "w")
+    return model, tokenizer
+
+
+def rank(model) -> int:
+    shard = getattr(model, "sharding", None)
+    return shard.rank if shard is not None else 0
+
+
+def shard_note(model) -> str:
+    """``, 2 ranks (global selection, attention split)`` for a sharded model, else ''."""
+    shard = getattr(model, "sharding", None)
+    if shard is None or shard.size == 1:
+        return ""
+    attention = "attention split" if shard.attention else "attention replicated"
+    return f", {shard.size} ranks ({shard.policy} selection, {attention})"
+
+
+def shared_input(model, read):
+    """``read()`` on rank 0, its text on every rank (None for end of input): only rank 0
+    reads the terminal or stdin, and every rank must run the same prompt."""
+    shard = getattr(model, "sharding", None)
+    if shard is None or shard.size == 1:
+        return read()
+    from ..distributed import broadcast_text
+
+    text = None
+    if shard.rank == 0:
+        text = read()
+    got = broadcast_text(shard.group, "\x00" if text is None else "\x01" + text)
+    return None if got == "\x00" else got[1:]
 
 
 def model_name(folder) -> str:

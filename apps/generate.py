@@ -4,7 +4,17 @@ import argparse
 import sys
 
 from ..errors import cli_errors
-from .common import PrefillBar, add_model_flags, check_flags, read_text_streams, sampler_from
+from .common import (
+    PrefillBar,
+    add_model_flags,
+    check_flags,
+    load_model,
+    rank,
+    read_text_streams,
+    sampler_from,
+    shard_note,
+    shared_input,
+)
 
 
 def main(argv=None) -> None:
@@ -14,12 +24,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     with cli_errors("ifp-generate"):
         check_flags(args)
-        from .. import load
         from ..generate import stream_generate
 
         read_text_streams()
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, tokenizer = load(args.model, ffn_store=args.ffn_store)
+        model, tokenizer = load_model(args, "ifp-generate")
+        prompt = shared_input(model, lambda: sys.stdin.read() if args.prompt == "-" else args.prompt)
         last, bar = None, PrefillBar("ifp-generate")
         try:
             for resp in stream_generate(
@@ -39,8 +48,8 @@ def main(argv=None) -> None:
         finally:
             bar.close()
         print()
-        if last is not None:
-            print(last.ifp.line(), file=sys.stderr)
+        if last is not None and rank(model) == 0:
+            print(last.ifp.line() + shard_note(model), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import argparse
 
 from ..errors import IFPError, cli_errors
-from .common import add_store_flag, keep_arg
+from .common import add_distributed_flags, add_store_flag, keep_arg
 
 
 def main(argv=None) -> None:
@@ -21,6 +21,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
     p.add_argument("--max-body-mb", type=float, default=1.0, help="larger bodies get 413")
     p.add_argument("--max-tokens", type=int, default=512, help="when a request sets none")
+    add_distributed_flags(p)
     args = p.parse_args(argv)
     with cli_errors("ifp-serve"):
         from ..chat import check_policy
@@ -35,8 +36,13 @@ def main(argv=None) -> None:
         if args.predictor:
             get_predictor(args.predictor)
         cfg = ServeConfig(args.model, args.keep, args.predictor, args.policy, args.ffn_store,
-                          args.api_key, args.max_queue, args.max_body_mb, args.max_tokens)  # fmt: skip
-        app = create_app(cfg, Engine(cfg))  # the model loads before the port opens
+                          args.api_key, args.max_queue, args.max_body_mb, args.max_tokens,
+                          args.distributed, args.shard_policy)  # fmt: skip
+        engine = Engine(cfg)  # the model loads before the port opens
+        if engine.rank != 0:  # rank 0 serves; this rank runs what it is told
+            engine.thread.join()
+            return
+        app = create_app(cfg, engine)
     import uvicorn
 
     print(f"ifp-serve: {app.state.model_id} on http://{args.host}:{args.port}/v1", flush=True)

@@ -14,7 +14,8 @@ class IFPError(Exception):
 
 @contextmanager
 def cli_errors(prog: str):
-    """Turn IFPError / Ctrl-C into one stderr line and a non-zero exit."""
+    """Turn IFPError / Ctrl-C / a lost distributed rank into one stderr line and a non-zero
+    exit."""
     try:
         yield
     except IFPError as e:
@@ -23,6 +24,14 @@ def cli_errors(prog: str):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except RuntimeError as e:  # a distributed rank that went away: not a bug of ours
+        from .distributed import lost_peer
+
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        print(f"{prog}: error: {lost}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def looks_like_repo_id(text: str) -> bool:

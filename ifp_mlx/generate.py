@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import GenerationResponse, generation_stream
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -182,19 +182,25 @@ def stream_generate(
     if progress is not None:
         done = len(tokens) - len(rest)
         kwargs["prompt_progress_callback"] = lambda n, _: progress(done + n, len(tokens))
-    for resp in _mlx_stream_generate(
-        model, tokenizer, rest, max_tokens=max_tokens, prompt_cache=cache, **kwargs
-    ):
-        if resp.generation_tokens == 1 or stats.ttft_ms == 0.0:
-            rest_ms = len(rest) / resp.prompt_tps * 1e3 if resp.prompt_tps else 0.0
-            stats.ttft_ms = ttft_start * 1e3 + rest_ms
-            stats.prompt_tps = len(tokens) / (stats.ttft_ms / 1e3) if stats.ttft_ms else 0.0
-        stats.generation_tokens = resp.generation_tokens
-        stats.generation_tps = resp.generation_tps
-        stats.peak_memory_gb = resp.peak_memory
-        fields = {k: getattr(resp, k) for k in resp.__dataclass_fields__}
-        fields["prompt_tokens"], fields["prompt_tps"] = len(tokens), stats.prompt_tps
-        yield IFPResponse(**fields, ifp=stats)
+    try:
+        for resp in _mlx_stream_generate(
+            model, tokenizer, rest, max_tokens=max_tokens, prompt_cache=cache, **kwargs
+        ):
+            if resp.generation_tokens == 1 or stats.ttft_ms == 0.0:
+                rest_ms = len(rest) / resp.prompt_tps * 1e3 if resp.prompt_tps else 0.0
+                stats.ttft_ms = ttft_start * 1e3 + rest_ms
+                stats.prompt_tps = len(tokens) / (stats.ttft_ms / 1e3) if stats.ttft_ms else 0.0
+            stats.generation_tokens = resp.generation_tokens
+            stats.generation_tps = resp.generation_tps
+            stats.peak_memory_gb = resp.peak_memory
+            fields = {k: getattr(resp, k) for k in resp.__dataclass_fields__}
+            fields["prompt_tokens"], fields["prompt_tps"] = len(tokens), stats.prompt_tps
+            yield IFPResponse(**fields, ifp=stats)
+    finally:
+        # mlx-lm computes the next token ahead, so a step may still run when the answer ends.
+        # Wait for it: on a sharded model its all_sums would otherwise interleave with the
+        # next selection's and the ranks would add up the wrong partial sums.
+        mx.synchronize(generation_stream)
 
 
 def generate(

@@ -92,7 +92,11 @@ def read_ifp_config(path: Path, name: Optional[str] = None) -> dict:
 
 
 def load(
-    path: Optional[Union[str, Path]] = None, lazy: bool = False, ffn_store: str = "memory"
+    path: Optional[Union[str, Path]] = None,
+    lazy: bool = False,
+    ffn_store: str = "memory",
+    distributed: bool = False,
+    shard_policy: str = "global",
 ) -> Tuple[nn.Module, TokenizerWrapper]:
     """Load ``(model, tokenizer)`` from an ifp-mlx folder (default: the bundled SmolLM2).
 
@@ -100,9 +104,18 @@ def load(
     ``ffn_store="memory"`` reads every FFN unit now; ``"flash"`` reads none: each ``select``
     reads only the kept units from the folder's unit file (``dense()`` reads them all; a
     forward pass without either streams each layer's units through memory).
+
+    ``distributed=True`` (every rank of an ``mlx.launch`` job calls it): this rank holds its
+    share of attention heads and of every FFN layer's units (``ifp_mlx.distributed``);
+    ``shard_policy`` is ``"global"`` (the single-machine selection) or ``"balanced"`` (equal
+    kept units per rank).
     """
     if ffn_store not in FFN_STORES:
         raise IFPError(f"ffn_store must be one of {', '.join(FFN_STORES)}, not {ffn_store!r}")
+    if distributed:
+        from .distributed import check_policy
+
+        check_policy(shard_policy)
     if path is None:
         from .bundled import default_model
 
@@ -120,7 +133,17 @@ def load(
             f"{path} was converted before the flash FFN store existed; reconvert it "
             "(ifp-convert SOURCE OUT) to use --ffn-store flash, or use --ffn-store memory"
         )
+    elif distributed:
+        raise IFPError(
+            f"{path} was converted before the FFN unit file existed; reconvert it "
+            "(ifp-convert SOURCE OUT) to shard it over ranks"
+        )
     units = UnitFile(path, spec) if spec is not None else None  # validated before the load
+    group = None
+    if distributed:
+        from .distributed import connect
+
+        group = connect()
 
     def classes(config):
         model_class, args_class = _get_classes(config)
@@ -141,6 +164,13 @@ def load(
 
         head = load_head(path, ifp_config["predictor"])
         object.__setattr__(model, "_ifp_predictor", head)
+    if group is not None:
+        from .distributed import same_everywhere, shard_model, sync_seed
+
+        same_everywhere(group, [int(spec.id[i : i + 4], 16) for i in range(0, 16, 4)],
+                        "the model (its FFN unit file differs)")  # fmt: skip
+        shard_model(model, units, group, shard_policy)
+        sync_seed(group)
     if units is not None:
         _attach_units(model, units, ffn_store, head)
     if head is not None and list(head.cfg.units) != model.ffn_units:

@@ -292,13 +292,23 @@ class IFPMixin:
         mx.eval(result.scores)
         score_ms = (time.perf_counter() - tic) * 1e3
         tic = time.perf_counter()
-        indices = [top_units(s, k, block) for s, k in zip(result.scores, ks)]
+        indices = self._top_units(result.scores, ks, block)
         select_ms = (time.perf_counter() - tic) * 1e3
         sel = Selection(indices, units, pred.name, score_ms, select_ms, prefilled=result.prefilled)
         sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
         sel.score_bytes_read = store.bytes_read - read0
         sel.compensation = result.compensation
         return self.apply_selection(sel)
+
+    def _top_units(self, scores: List[mx.array], ks: List[int], block: int) -> List[np.ndarray]:
+        """Each layer's kept units from its scores (a sharded model agrees on them across
+        ranks first: ``ifp_mlx.distributed``)."""
+        return [top_units(s, k, block) for s, k in zip(scores, ks)]
+
+    def unit_sum(self, x: mx.array) -> mx.array:
+        """Σ over a layer's FFN units (last axis) of a per-unit quantity, e.g. a token's
+        squared activation norm (a sharded model adds the other ranks' units)."""
+        return x.sum(-1, keepdims=True)
 
     @staticmethod
     def _compensate(compact: list, selection: Selection) -> List[mx.array]:

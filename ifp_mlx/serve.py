@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +33,8 @@ class ServeConfig:
     max_queue: int = 8  # requests waiting behind the running one
     max_body_mb: float = 1.0
     max_tokens: int = 512  # when a request gives none
+    distributed: bool = False  # one rank of an mlx.launch job (rank 0 serves HTTP)
+    shard_policy: str = "global"
 
 
 class BadRequest(Exception):
@@ -193,6 +195,16 @@ class QueueFull(Exception):
     pass
 
 
+class _Mirror:
+    """A job as a follower rank runs it: rank 0's request, nobody to tell."""
+
+    def __init__(self, request: Request):
+        self.request, self.cancelled = request, threading.Event()
+
+    def emit(self, kind: str, data: Any = None) -> None:
+        pass
+
+
 class Engine:
     """Owns the model on one thread; runs jobs in arrival order, one at a time."""
 
@@ -230,7 +242,12 @@ class Engine:
             from . import load
             from .chat import PromptCache
 
-            self.model, self.tokenizer = load(self.cfg.model, ffn_store=self.cfg.ffn_store)
+            self.model, self.tokenizer = load(self.cfg.model, ffn_store=self.cfg.ffn_store,
+                                              distributed=self.cfg.distributed,
+                                              shard_policy=self.cfg.shard_policy)  # fmt: skip
+            shard = getattr(self.model, "sharding", None)
+            self.group = shard.group if shard is not None and shard.size > 1 else None
+            self.rank = shard.rank if shard is not None else 0
             self.cache = PromptCache(self.model)
             self.last: Optional[dict] = None  # the previous request's selection settings
             self.prev_prompt = 0  # and its prompt's length in tokens
@@ -240,11 +257,11 @@ class Engine:
             return
         self.ready.set()
         while True:
-            job = self.jobs.get()
+            job, skip = self._next_job()
             if job is None:
                 return
             try:
-                if not job.cancelled.is_set():
+                if not skip:
                     self._generate(job)
             except IFPError as e:
                 job.emit("error", str(e))
@@ -254,6 +271,36 @@ class Engine:
                 with self.lock:
                     self.active -= 1
                 job.emit("end")
+
+    def _next_job(self):
+        """(job, skip it): from the queue, or on a sharded model from rank 0, which tells the
+        other ranks each job (and whether it was cancelled while waiting) so every rank runs
+        the same generations in the same order."""
+        if self.group is None:
+            job = self.jobs.get()
+            return job, job is not None and job.cancelled.is_set()
+        from .distributed import broadcast_text
+
+        if self.rank == 0:
+            job = self.jobs.get()
+            skip = job is not None and job.cancelled.is_set()
+            text = "" if job is None else json.dumps({"request": asdict(job.request), "skip": skip})
+            broadcast_text(self.group, text)
+            return job, skip
+        text = broadcast_text(self.group, None)
+        if not text:
+            return None, False
+        d = json.loads(text)
+        return _Mirror(Request(**d["request"])), d["skip"]
+
+    def _stop(self, stop: bool) -> bool:
+        """Whether to end this answer now: rank 0 decides for every rank (only it hears a
+        client hang up)."""
+        if self.group is None:
+            return stop
+        from .distributed import broadcast_flag
+
+        return broadcast_flag(self.group, stop)
 
     def _generate(self, job: Job) -> None:
         import mlx.core as mx
@@ -301,7 +348,7 @@ class Engine:
                 if end > sent:
                     job.emit("text", text[sent:end])
                     sent = end
-                if finish or job.cancelled.is_set():
+                if self._stop(bool(finish) or job.cancelled.is_set()):
                     break
             stats = resp.ifp if started else None
         finally:

@@ -102,7 +102,7 @@ MUTANTS = [
     M(
         "griffin-unnormalized",
         "ifp_mlx/predictors/activation.py",
-        "    norms = mx.sqrt((x * x).sum(-1, keepdims=True)) + 1e-6\n",
+        "    norms = mx.sqrt(sq.sum(-1, keepdims=True) if unit_sum is None else unit_sum(sq)) + 1e-6\n",
         "    norms = 1.0\n",
         ["tests/test_selection.py"],
         "GRIFFIN without the per-token normalization",

@@ -10,6 +10,7 @@ the prompt: with ``compensate=True`` the selection folds it into a per-prompt bi
 ``down_proj``. Off by default: on held-out prompts it did not win (README, quality table).
 """
 
+from functools import partial
 from typing import List, Optional
 
 import mlx.core as mx
@@ -22,16 +23,18 @@ from . import Compensation, Scores, register, report_prefill
 PREFILL_STEP = 512
 
 
-def _sq_normalized(x: mx.array) -> mx.array:
-    """Σ over tokens of (z_t / ||z_t||)², per unit; x is (1, T, units)."""
+def _sq_normalized(x: mx.array, unit_sum=None) -> mx.array:
+    """Σ over tokens of (z_t / ||z_t||)², per unit; x is (1, T, units). ``unit_sum`` sums over
+    the layer's units (``model.unit_sum``: on a sharded model, over every rank's units)."""
     x = x.astype(mx.float32)
-    norms = mx.sqrt((x * x).sum(-1, keepdims=True)) + 1e-6
+    sq = x * x
+    norms = mx.sqrt(sq.sum(-1, keepdims=True) if unit_sum is None else unit_sum(sq)) + 1e-6
     return ((x / norms) ** 2).sum(axis=(0, 1))
 
 
-def _summaries(x: mx.array) -> mx.array:
+def _summaries(x: mx.array, unit_sum=None) -> mx.array:
     """(2, units): the score sums and the plain activation sums over tokens."""
-    return mx.stack([_sq_normalized(x), x.astype(mx.float32).sum(axis=(0, 1))])
+    return mx.stack([_sq_normalized(x, unit_sum), x.astype(mx.float32).sum(axis=(0, 1))])
 
 
 def _add(total, part):
@@ -53,7 +56,9 @@ class ActivationPredictor:
         run = make_prompt_cache(model) if own else cache  # chunks attend to earlier chunks
         comp = self.compensate
         sums = outs = None  # per layer: score (+ activation) sums; dense output sums
-        tap = tap_ffns(model, reduce=_summaries if comp else _sq_normalized, outputs=comp)
+        unit_sum = getattr(model, "unit_sum", None)
+        reduce = partial(_summaries if comp else _sq_normalized, unit_sum=unit_sum)
+        tap = tap_ffns(model, reduce=reduce, outputs=comp)
         with tap as records:
             for start in range(0, len(body), PREFILL_STEP):
                 chunk = mx.array(body[start : start + PREFILL_STEP])[None]

@@ -1,0 +1,211 @@
+"""Pruning a model sharded over ``mx.distributed``: two local ranks under ``mlx.launch --backend
+ring -n 2`` must compute what one process computes (tiny random models; seconds per launch)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ifp_mlx
+from ifp_mlx.convert import convert
+from ifp_mlx.distributed import split
+from ifp_mlx.store import FileSpec
+from tests.helpers import make_tiny_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # a launch takes ~10 s; a hang must fail the test, not the CI job
+
+
+def _free_port() -> int:
+    """A port with the next one free too (the ring backend listens on port + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports")
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", **extra)
+    return env
+
+
+def launch(*command: str, n: int = 2, **kw) -> subprocess.CompletedProcess:
+    """``mlx.launch --backend ring -n N -- COMMAND`` on this machine."""
+    launcher = shutil.which("mlx.launch")
+    assert launcher, "mlx.launch is not installed (pip install mlx)"
+    args = [launcher, "--backend", "ring", "-n", str(n), "--starting-port", str(_free_port()),
+            "--", *command]  # fmt: skip
+    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, **kw)  # fmt: skip
+
+
+def worker(folder: Path, out: Path, *flags: str, single: bool = False) -> list:
+    """Run tests/dist_worker.py on 2 ranks (or 1 process) and read each rank's results."""
+    command = [sys.executable, "-m", "tests.dist_worker", str(folder), str(out), *flags]
+    if single:
+        r = subprocess.run(command + ["--single"], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=TIMEOUT)  # fmt: skip
+    else:
+        r = launch(*command)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ranks = 1 if single else 2
+    return [json.loads(Path(f"{out}.rank{i}").read_text()) for i in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny llama (4 heads, 2 KV heads: attention splits over 2 ranks), float32 and 4-bit."""
+    root = tmp_path_factory.mktemp("dist")
+    src = make_tiny_hf("llama", root / "hf", seed=7)
+    convert(src, root / "f32", progress=False)
+    convert(src, root / "q4", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    return root
+
+
+def _kl(p_logits, q_logits) -> float:
+    p = np.asarray(p_logits, np.float64)
+    q = np.asarray(q_logits, np.float64)
+    lp = p - np.logaddexp.reduce(p)
+    lq = q - np.logaddexp.reduce(q)
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def _check_against_single(one: dict, ranks: list) -> None:
+    for r in ranks:
+        # keep 1: the sharded model's last-token logits are the single-process model's
+        assert np.abs(np.array(r["dense"]) - one["dense"]).max() <= 1e-4
+        # global top-k: the single-machine selection and the same greedy answer
+        assert r["indices"] == one["indices"]
+        assert r["greedy"] == one["greedy"]
+        assert np.abs(np.array(r["pruned"]) - one["pruned"]).max() <= 1e-4
+        # a rank's compact FFN = the masked dense model (its units + the others' via all_sum)
+        assert np.abs(np.array(r["pruned"]) - r["masked"]).max() <= 1e-4
+    assert ranks[0]["dense"] == ranks[1]["dense"]  # bit-identical on every rank
+    kept = [sum(k) for k in zip(ranks[0]["local_kept"], ranks[1]["local_kept"])]
+    assert kept == [len(i) for i in one["indices"]]
+
+
+def test_two_ranks_compute_the_single_process_model(tiny, tmp_path):
+    one = worker(tiny / "f32", tmp_path / "one", single=True)[0]
+    ranks = worker(tiny / "f32", tmp_path / "two")
+    _check_against_single(one, ranks)
+    assert all(r["attention_sharded"] for r in ranks)
+
+
+def test_flash_store_ranks_read_only_their_own_units(tiny, tmp_path):
+    """4-bit, flash store: same results, and each rank reads exactly its kept units' records."""
+    one = worker(tiny / "q4", tmp_path / "one", "--store", "flash", single=True)[0]
+    ranks = worker(tiny / "q4", tmp_path / "two", "--store", "flash")
+    _check_against_single(one, ranks)
+    config = json.loads((tiny / "q4" / "config.json").read_text())
+    spec = FileSpec.from_dict(config["ifp"]["ffn_store"], tiny / "q4")
+    records = [layer.record for layer in spec.layers]
+    for r in ranks:
+        assert r["bytes_read"] == sum(k * b for k, b in zip(r["local_kept"], records))
+    assert one["bytes_read"] == sum(r["bytes_read"] for r in ranks)
+
+
+def test_balanced_policy_splits_the_work_evenly_and_its_kl_is_reported(tiny, tmp_path):
+    glob = worker(tiny / "f32", tmp_path / "g")
+    bal = worker(tiny / "f32", tmp_path / "b", "--policy", "balanced")
+    units = [len(i) for i in bal[0]["indices"]]
+    for layer, k in enumerate(units):
+        shares = [hi - lo for lo, hi in split(k, 2)]
+        assert [r["local_kept"][layer] for r in bal] == shares
+    for r in bal:
+        assert np.abs(np.array(r["pruned"]) - r["masked"]).max() <= 1e-4
+    assert bal[0]["pruned"] == bal[1]["pruned"] and bal[0]["greedy"] == bal[1]["greedy"]
+    kl_global = _kl(glob[0]["dense"], glob[0]["pruned"])
+    kl_balanced = _kl(bal[0]["dense"], bal[0]["pruned"])
+    print(f"\nlast-token KL to dense at keep 0.5: global {kl_global:.4f}, "
+          f"balanced {kl_balanced:.4f}")  # fmt: skip
+    assert np.isfinite(kl_balanced) and kl_balanced > 0
+
+
+def test_generate_cli_under_mlx_launch_prints_the_single_process_answer_once(tiny):
+    flags = ["--model", str(tiny / "f32"), "--prompt", "w7 w8 w9", "--keep", "0.5",
+             "--max-tokens", "6"]  # fmt: skip
+    one = subprocess.run(["ifp-generate", *flags], env=_env(), capture_output=True, text=True,
+                         timeout=TIMEOUT)  # fmt: skip
+    two = launch("ifp-generate", *flags, "--distributed")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert one.stdout.strip() and two.stdout == one.stdout
+    assert "2 ranks (global selection, attention split)" in two.stderr
+
+
+def test_a_wrong_hostfile_is_one_error_after_the_timeout(tiny, tmp_path):
+    """Rank 0 of 2 whose peer never comes: a clear error after $IFP_DIST_TIMEOUT, no hang."""
+    port = _free_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    env = _env(MLX_RANK="0", MLX_HOSTFILE=str(hostfile), IFP_DIST_TIMEOUT="3")
+    tic = time.monotonic()
+    r = subprocess.run(["ifp-generate", "--model", str(tiny / "f32"), "--prompt", "w7",
+                        "--distributed"], env=env, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert time.monotonic() - tic < 45
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "the other ranks did not answer within 3 s" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_rank_that_dies_is_one_error_on_the_others(tiny, tmp_path):
+    """Two ranks started by hand; rank 1 is killed mid-chat: rank 0 says so and exits."""
+    port = _free_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    cmd = ["ifp-chat", "--model", str(tiny / "f32"), "--max-tokens", "4", "--distributed"]
+    procs = [subprocess.Popen(cmd, env=_env(MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    try:
+        banner = procs[0].stdout.readline()
+        assert "2 ranks" in banner
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=30)
+        out, err = procs[0].communicate("w7 w8\n", timeout=60)
+        assert procs[0].returncode == 1
+        assert "Traceback" not in err
+        assert "a rank stopped answering" in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_one_rank_without_a_launcher_is_the_plain_model(tiny):
+    """``distributed=True`` outside mlx.launch: a group of one, exactly the plain model."""
+    import mlx.core as mx
+
+    plain, _ = ifp_mlx.load(tiny / "f32")
+    one, _ = ifp_mlx.load(tiny / "f32", distributed=True)
+    assert one.sharding.size == 1 and not one.sharding.attention
+    tokens = [5, 17, 40, 9, 33, 70, 12]
+    a, b = plain.select(tokens, keep=0.5, predictor="activation"), one.select(
+        tokens, keep=0.5, predictor="activation"
+    )
+    assert [i.tolist() for i in a.indices] == [i.tolist() for i in b.indices]
+    x = mx.array(tokens)[None]
+    assert mx.array_equal(plain(x), one(x)).item()
+
+
+def test_split_and_policy_checks():
+    assert split(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split(1, 2) == [(0, 1), (1, 1)]
+    with pytest.raises(ifp_mlx.IFPError, match="shard policy"):
+        ifp_mlx.load(None, distributed=True, shard_policy="fair")
