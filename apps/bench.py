@@ -53,8 +53,19 @@ def main(argv=None) -> None:
     sv.add_argument("--max-tokens", type=int, default=16)
     sv.add_argument("--max-queue", type=int, default=8)
     sv.add_argument("--json", default="results/bench-serve.json")
+    d = sub.add_parser("distributed", help="1 rank vs N ranks (mlx.launch, ring): tok/s, bytes "
+                       "per decoded token per rank, global vs balanced KL")  # fmt: skip
+    d.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    d.add_argument("--keep", type=float, default=0.5)
+    d.add_argument("--ranks", type=int, default=2, help="local processes under mlx.launch")
+    d.add_argument("--prompts", type=int, default=8, help="held-out ShareGPT prompts for KL")
+    d.add_argument("--answer-tokens", type=int, default=32)
+    d.add_argument("--decode-tokens", type=int, default=32)
+    d.add_argument("--json", default="results/bench-distributed.json")
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):
+        if args.cmd == "distributed":
+            return run_distributed(args)
         if args.cmd == "serve":
             return run_serve(args)
         if args.cmd == "speed":
@@ -82,6 +93,71 @@ def write_json(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+
+
+def run_distributed(args) -> None:
+    """The same measurement alone and as N local ranks under ``mlx.launch``, side by side."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..errors import IFPError
+    from ..selection import check_keep
+
+    check_keep(args.keep)
+    if args.ranks < 2 or args.prompts < 1 or args.decode_tokens < 1 or args.answer_tokens < 1:
+        raise IFPError("--ranks must be ≥ 2; --prompts, --decode-tokens, --answer-tokens ≥ 1")
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        raise IFPError("mlx.launch is not on PATH (it comes with mlx: pip install mlx)")
+    flags = ["--keep", str(args.keep), "--prompts", str(args.prompts), "--answer-tokens",
+             str(args.answer_tokens), "--decode-tokens", str(args.decode_tokens)]  # fmt: skip
+    if args.model:
+        flags += ["--model", str(Path(args.model).resolve())]
+    bench = [sys.executable, "-m", "ifp_mlx.dist_bench", *flags]
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in (1, args.ranks):
+            out = str(Path(tmp) / f"{ranks}.json")
+            cmd = bench + ["--out", out]
+            if ranks > 1:  # one BLAS thread per rank: the ranks share this machine's cores
+                cmd = [launcher, "--backend", "ring", "-n", str(ranks),
+                       "--env", "OPENBLAS_NUM_THREADS=1", "--", *cmd, "--distributed"]  # fmt: skip
+            print(f"measuring {ranks} rank{'s' if ranks > 1 else ''}...", flush=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if r.returncode != 0 or not Path(out).is_file():
+                tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                raise IFPError(f"the {ranks}-rank run failed: {tail}")
+            runs[ranks] = json.loads(Path(out).read_text())
+    result = {"model": model_name(args.model), "keep": args.keep, "ranks": args.ranks,
+              "attention_split": runs[args.ranks]["attention_split"],
+              "prompt_ids": runs[1]["prompt_ids"], "one_rank": runs[1],
+              "n_ranks": runs[args.ranks]}  # fmt: skip
+    print(f"model {result['model']} | 1 vs {args.ranks} local ranks (mlx.launch, ring) | "
+          f"attention {'split' if result['attention_split'] else 'replicated'} | "
+          f"{len(result['prompt_ids'])} held-out prompts")  # fmt: skip
+    print(f"{'':18} {'ranks':>5} {'tok/s':>7} {'MB/token per rank':>20} {'KL':>6} {'agree':>6}")
+    for ranks, r in runs.items():
+        for name in ("dense", "global", "balanced"):
+            if name not in r:
+                continue
+            row = r[name]
+            label = "dense" if name == "dense" else f"keep {args.keep:g} {name}"
+            mb = row.get("bytes_per_token_per_rank", [row["bytes_per_token"]])
+            mb = ", ".join(f"{b / 2**20:.1f}" for b in mb)
+            q = f"{row['kl']:6.3f} {100 * row['agreement']:5.0f}%" if "kl" in row else ""
+            print(f"{label:18} {ranks:5d} {row['decode_tps']:7.2f} {mb:>20} {q}")
+    one, n = runs[1], runs[args.ranks]
+    print(f"{args.ranks} ranks / 1 rank tok/s: dense {n['dense']['decode_tps'] / one['dense']['decode_tps']:.2f}x, "
+          f"keep {args.keep:g} global {n['global']['decode_tps'] / one['global']['decode_tps']:.2f}x")  # fmt: skip
+    print(f"balanced vs global on {args.ranks} ranks: KL {n['balanced']['kl']:.3f} vs "
+          f"{n['global']['kl']:.3f} ({n['balanced']['kl'] - n['global']['kl']:+.3f}), tok/s "
+          f"{n['balanced']['decode_tps'] / n['global']['decode_tps']:.2f}x; global's largest "
+          f"rank keeps {max(n['global']['kept_units_per_rank'])} units vs "
+          f"{min(n['global']['kept_units_per_rank'])}")  # fmt: skip
+    write_json(args.json, result)
 
 
 def run_serve(args) -> None:

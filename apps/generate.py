@@ -28,7 +28,9 @@ def main(argv=None) -> None:
 
         read_text_streams()
         model, tokenizer = load_model(args, "ifp-generate")
-        prompt = shared_input(model, lambda: sys.stdin.read() if args.prompt == "-" else args.prompt)
+        prompt = shared_input(
+            model, lambda: sys.stdin.read() if args.prompt == "-" else args.prompt
+        )
         last, bar = None, PrefillBar("ifp-generate")
         try:
             for resp in stream_generate(
