@@ -7,33 +7,21 @@ Run by ``ifp-bench distributed`` once alone (1 rank) and once under ``mlx.launch
 
 import argparse
 import json
-import time
 from typing import List
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from .eval.metrics import continue_logits, kl_agreement
+from .speed import decode_tps
 
 
 def weight_bytes(model) -> int:
     """Bytes of the weights this rank's decode step reads (its current, possibly compact,
     modules; the FFN store's full layers are not part of the model)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def decode_tps(model, prompt: List[int], n: int) -> float:
-    """Tokens/s over ``n`` decode steps after the first token (never stopping at EOS)."""
-    steps = generate_step(mx.array(prompt), model, max_tokens=n + 1)
-    next(steps)
-    tic = time.perf_counter()
-    count = sum(1 for _ in steps)
-    tps = count / (time.perf_counter() - tic)
-    mx.synchronize(generation_stream)  # mlx-lm's look-ahead step: let it end on every rank
-    return tps
 
 
 def greedy(model, tokenizer, prompt: List[int], n: int) -> List[int]:

@@ -92,7 +92,7 @@ def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predicto
     from .convert.layout import calibration_activations, coactivation_order
     from .generate import prompt_tokens
     from .loading import load
-    from .speed import _decode_tps
+    from .speed import decode_tps
 
     flash, tokenizer = load(folder or None, ffn_store="flash")
     memory, _ = load(folder or None, ffn_store="memory")
@@ -151,7 +151,7 @@ def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predicto
     pair = [("memory", memory), ("flash", flash)]
     for r in range(2 * rounds):  # alternating which goes first: this CPU's speed drifts
         for name, model in pair if r % 2 == 0 else pair[::-1]:
-            tps[name].append(_decode_tps(model, tokens, decode_tokens))
+            tps[name].append(decode_tps(model, tokens, decode_tokens))
     out["decode_tps_memory"] = float(np.median(tps["memory"]))
     out["decode_tps_flash"] = float(np.median(tps["flash"]))
     out["decode_flash_vs_memory"] = out["decode_tps_flash"] / out["decode_tps_memory"]

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from .generate import prompt_tokens
@@ -38,13 +38,15 @@ def long_prompt(tokenizer, n_tokens: int) -> List[int]:
     return prompt_tokens(tokenizer, text)
 
 
-def _decode_tps(model, tokens: List[int], n: int) -> float:
+def decode_tps(model, tokens: List[int], n: int) -> float:
     """Tokens/s over n decode steps after the first token, never stopping at EOS."""
     steps = generate_step(mx.array(tokens), model, max_tokens=n + 1)
     next(steps)
     tic = time.perf_counter()
     count = sum(1 for _ in steps)
-    return count / (time.perf_counter() - tic)
+    tps = count / (time.perf_counter() - tic)
+    mx.synchronize(generation_stream)  # mlx-lm's look-ahead step (see generate.stream_generate)
+    return tps
 
 
 def _prefill_ms(model, tokens: List[int], cache) -> float:
@@ -83,17 +85,17 @@ def speed(
     short = prompt[-64:]
     f = ffn_byte_share(model)
     model.dense()
-    _decode_tps(model, short, 4)  # warm-up
+    decode_tps(model, short, 4)  # warm-up
     cache = make_prompt_cache(model)
     dense_ttft = _prefill_ms(model, prompt, cache)
-    dense_tps = _decode_tps(model, short, decode_tokens)
+    dense_tps = decode_tps(model, short, decode_tokens)
     rows = []
     for keep in keeps:
         model.dense()
         cache = make_prompt_cache(model)
         sel = model.select(prompt, keep=keep, predictor=predictor, cache=cache)
         rest_ms = _prefill_ms(model, prompt[sel.prefilled :], cache)
-        tps = _decode_tps(model, short, decode_tokens)
+        tps = decode_tps(model, short, decode_tokens)
         rows.append(
             {
                 "keep": keep,

@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 
 from .methods import Method
 
@@ -71,6 +71,7 @@ def fidelity_cases(dense: Method, prompts: Sequence[List[int]], tokens: int, eos
             if tok in eos:
                 break
             answer.append(tok)
+        mx.synchronize(generation_stream)  # mlx-lm's look-ahead step (generate.stream_generate)
         if not answer:
             continue
         logits = answer_logits(dense, prompt, answer, 1.0)
