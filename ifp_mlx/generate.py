@@ -11,9 +11,9 @@ from typing import Callable, Iterator, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse, generation_stream
+from mlx_lm.generate import GenerationResponse, generate_step, generation_stream
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .errors import IFPError
 from .predictors import prefill_progress
@@ -88,6 +88,8 @@ class IFPStats:
     read_calls: int = 0
     expected_kl: Optional[float] = None  # calibrated KL to the dense model at this keep
     max_kl: Optional[float] = None  # the target the keep was chosen for (keep="auto")
+    rescores: int = 0  # reselections while the answer grew (rescore=N)
+    rescore_ms: float = 0.0  # their dense passes + materializations
 
     def quality(self) -> str:
         """``kept 68% (activation, auto for KL ≤ 0.75, expected KL 0.75)``: the keep in use and
@@ -131,6 +133,7 @@ def stream_generate(
     reselect: bool = True,
     max_kl: Optional[float] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    rescore: int = 0,
     **kwargs,
 ) -> Iterator[IFPResponse]:
     """Like ``mlx_lm.stream_generate`` but prunes the FFNs for this prompt first.
@@ -139,7 +142,10 @@ def stream_generate(
     (the smallest calibrated keep whose expected KL to the dense model is ≤ ``max_kl``), or
     None for the folder's default. With ``reselect=False`` the current selection is kept
     (multi-turn "first-turn" policy). ``progress(done, total)`` hears how many prompt tokens
-    are prefilled (first with 0, before any work). ``kwargs`` go to mlx-lm (``sampler=``, ...).
+    are prefilled (first with 0, before any work). ``rescore=N`` (activation predictor) scores
+    the answer as it grows: every N generated tokens one dense pass over them rewrites their KV
+    entries and adds their activations to the prompt's, and the top units are reselected
+    (``Rescorer``). ``kwargs`` go to mlx-lm (``sampler=``, ...).
     """
     from .calibrate import resolve
     from .selection import budget_units
@@ -155,6 +161,8 @@ def stream_generate(
     choice = resolve(model, keep, predictor, max_kl)
     budget_units(choice.keep, model.ffn_units)  # validate early
 
+    if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0:
+        raise IFPError(f"rescore must be a whole number ≥ 0, not {rescore!r}")
     if progress is not None:
         progress(0, len(tokens))
     stats = IFPStats(prompt_tokens=len(tokens), store=model.ffn_store)
@@ -162,11 +170,18 @@ def stream_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     rest = tokens
+    rescorer = None
     if is_dense(choice.keep):
         model.dense()
     elif reselect or model.selection is None:
+        if rescore:
+            rescorer = Rescorer.make(model, choice, rescore, cache)
         with prefill_progress(progress and (lambda done, _: progress(done, len(tokens)))):
-            sel: Selection = model.select(tokens, keep, predictor, cache=cache, max_kl=max_kl)
+            if rescorer is not None:
+                sel = model.select(tokens, choice.keep, rescorer.predictor, cache=cache)
+                sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
+            else:
+                sel = model.select(tokens, keep, predictor, cache=cache, max_kl=max_kl)
         stats.score_prefill_ms = sel.score_ms
         stats.select_ms = sel.select_ms
         stats.materialize_ms = sel.materialize_ms
@@ -182,10 +197,16 @@ def stream_generate(
     if progress is not None:
         done = len(tokens) - len(rest)
         kwargs["prompt_progress_callback"] = lambda n, _: progress(done + n, len(tokens))
-    try:
-        for resp in _mlx_stream_generate(
+    if rescorer is not None:
+        source = _responses(tokenizer, len(rest), rescorer.tokens(rest, max_tokens, kwargs), max_tokens)
+    else:
+        source = _mlx_stream_generate(
             model, tokenizer, rest, max_tokens=max_tokens, prompt_cache=cache, **kwargs
-        ):
+        )
+    try:
+        for resp in source:
+            if rescorer is not None:
+                stats.rescores, stats.rescore_ms = rescorer.count, rescorer.ms
             if resp.generation_tokens == 1 or stats.ttft_ms == 0.0:
                 rest_ms = len(rest) / resp.prompt_tps * 1e3 if resp.prompt_tps else 0.0
                 stats.ttft_ms = ttft_start * 1e3 + rest_ms
@@ -201,6 +222,92 @@ def stream_generate(
         # Wait for it: on a sharded model its all_sums would otherwise interleave with the
         # next selection's and the ranks would add up the wrong partial sums.
         mx.synchronize(generation_stream)
+
+
+class Rescorer:
+    """Selection that follows the answer: every ``every`` generated tokens, one dense pass over
+    them (batched: one memory-bound pass per ``every`` tokens) rewrites their KV entries with
+    the dense model's and adds their activations to the prompt's GRIFFIN sums; the top units of
+    prompt + answer so far are then materialized. Prompt-only selection drifts from what the
+    answer needs; scores over prompt *and* answer (the oracle) are much closer to dense."""
+
+    def __init__(self, model: nn.Module, predictor, budget, every: int, cache: list):
+        self.model, self.predictor, self.budget = model, predictor, budget
+        self.every, self.cache = every, cache
+        self.count, self.ms = 0, 0.0
+
+    @classmethod
+    def make(cls, model: nn.Module, choice, every: int, cache: list) -> Optional["Rescorer"]:
+        """A rescorer for this request, or None where it cannot run: a predictor that does not
+        read activations, or a cache that cannot be rewound (a rotated sliding window)."""
+        from .predictors.activation import ActivationPredictor
+
+        pred = choice.predictor
+        if pred == "activation":
+            pred = ActivationPredictor()
+        if not isinstance(pred, ActivationPredictor) or not can_trim_prompt_cache(cache):
+            return None
+        fresh = ActivationPredictor(compensate=pred.compensate, accumulate=True)
+        return cls(model, fresh, choice.keep, every, cache)
+
+    def tokens(self, rest: List[int], max_tokens: int, kwargs: dict):
+        """(token, logprobs) as mlx-lm's ``generate_step`` gives them, reselecting between
+        chunks of ``every`` tokens."""
+        kwargs = dict(kwargs)
+        n = 0
+        while n < max_tokens:
+            chunk, base = [], self.cache[0].offset
+            steps = min(self.every, max_tokens - n)
+            for token, logprobs in generate_step(
+                mx.array(rest), self.model, max_tokens=steps, prompt_cache=self.cache, **kwargs
+            ):
+                chunk.append(token)
+                yield token, logprobs
+            n += len(chunk)
+            kwargs.pop("prompt_progress_callback", None)
+            if n >= max_tokens or len(chunk) < steps:
+                return
+            mx.synchronize(generation_stream)
+            tic = time.perf_counter()
+            # The cache holds rest + the chunk (mlx-lm's look-ahead step may have fed its last
+            # token) from the pruned model: the dense pass rewrites rest + chunk[:-1] and leaves
+            # chunk[-1] to feed, as the prompt's selection does.
+            trim_prompt_cache(self.cache, self.cache[0].offset - base)
+            self.model.select(rest + chunk, self.budget, self.predictor, cache=self.cache)
+            self.count += 1
+            self.ms += (time.perf_counter() - tic) * 1e3
+            rest = chunk[-1:]
+
+
+def _responses(tokenizer, prompt_size: int, steps, max_tokens: int) -> Iterator[GenerationResponse]:
+    """mlx-lm's stream_generate response loop over our own (token, logprobs) steps."""
+    detok = tokenizer.detokenizer
+    detok.reset()
+    tic = time.perf_counter()
+    prompt_tps, n, token, logprobs = 0.0, 0, None, None
+    for n, (token, logprobs) in enumerate(steps):
+        if n == 0:
+            prompt_tps = prompt_size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        detok.add_token(token)
+        if n + 1 == max_tokens:
+            break
+        yield GenerationResponse(
+            text=detok.last_segment, token=token, logprobs=logprobs, from_draft=False,
+            prompt_tokens=prompt_size, prompt_tps=prompt_tps, generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=None,
+        )  # fmt: skip
+    detok.finalize()
+    yield GenerationResponse(
+        text=detok.last_segment, token=token, logprobs=logprobs, from_draft=False,
+        prompt_tokens=prompt_size, prompt_tps=prompt_tps, generation_tokens=n + 1,
+        generation_tps=(n + 1) / (time.perf_counter() - tic),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
+    )  # fmt: skip
 
 
 def generate(

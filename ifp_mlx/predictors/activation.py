@@ -45,8 +45,13 @@ def _add(total, part):
 class ActivationPredictor:
     name = "activation"
 
-    def __init__(self, compensate: bool = False):
+    def __init__(self, compensate: bool = False, accumulate: bool = False):
         self.compensate = compensate
+        # accumulate: every call adds to the sums of the calls before it, so scoring the answer
+        # as it grows ranks units over prompt + answer so far (``stream_generate(rescore=N)``).
+        self.accumulate = accumulate
+        self._sums = self._outs = None
+        self._count = 0
 
     def score(self, model: nn.Module, tokens: List[int], cache: Optional[list]) -> Scores:
         # The last token is left for the pruned model to feed when decoding starts; a lone
@@ -69,8 +74,12 @@ class ActivationPredictor:
                 mx.eval(sums, outs or [], [c.state for c in run])
                 report_prefill(start + chunk.shape[1], len(body))
         prefilled = 0 if own else len(body)
+        n = len(body)
+        if self.accumulate:
+            self._sums, self._outs = _add(self._sums, sums), _add(self._outs, outs) if comp else None
+            self._count += n
+            sums, outs, n = self._sums, self._outs, self._count
         if not comp:
             return Scores([mx.sqrt(s) for s in sums], prefilled)
-        n = len(body)
         means = Compensation([s[1] / n for s in sums], [o / n for o in outs])
         return Scores([mx.sqrt(s[0]) for s in sums], prefilled, means)
