@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import cli_errors
-from .common import add_store_flag, model_name
+from .common import add_store_flag, keep_arg, model_name
 
 
 def main(argv=None) -> None:
@@ -46,6 +46,22 @@ def main(argv=None) -> None:
         help="default: the folder's (ifp.default_predictor, else learned if trained, else activation)",
     )
     m.add_argument("--json", default="results/bench-memory.json")
+    an = sub.add_parser("answers", help="free-running answers vs dense: right, ends, loops, "
+                        "length and time to a complete answer, in one run")  # fmt: skip
+    an.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    an.add_argument("--keep", type=keep_arg, nargs="+", default=["default"],
+                    help="settings to compare with dense: 'default' (the folder's: no flags), "
+                    "'auto', a fraction or a per-layer list (default: default)")  # fmt: skip
+    an.add_argument("--max-kl", type=float, help="quality target for keep 'auto'")
+    an.add_argument("--rescore", type=int, nargs="+", default=[None],
+                    help="reselect every N answer tokens (0 = off; default: the folder's)")  # fmt: skip
+    an.add_argument("--predictor", help="default: the folder's")
+    an.add_argument("--split", default="test", choices=("test", "calib"),
+                    help="half of the short-answer set (test: reported; calib: for choosing)")  # fmt: skip
+    an.add_argument("--n", type=int, help="questions (default: the whole split)")
+    an.add_argument("--max-tokens", type=int, default=64, help="answer limit (default 64)")
+    an.add_argument("--json", default="results/bench-answers.json")
+    add_store_flag(an)
     sv = sub.add_parser("serve", help="load test of ifp-serve: concurrent mixed requests")
     sv.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
     sv.add_argument("--requests", type=int, default=200)
@@ -72,6 +88,8 @@ def main(argv=None) -> None:
             return run_speed(args)
         if args.cmd == "policy":
             return run_policy(args)
+        if args.cmd == "answers":
+            return run_answers(args)
         if args.cmd == "memory":
             return run_memory(args)
         from ..bench import quant_quality
@@ -209,6 +227,55 @@ def run_speed(args) -> None:
             f"{row['materialize_ms']:5.0f}ms {row['rest_prefill_ms']:4.0f}ms {row['ttft_ms']:5.0f}ms "
             f"{row['materialize_gbps']:8.2f} {row['copy_gbps']:9.2f}"
         )
+    write_json(args.json, r)
+
+
+def run_answers(args) -> None:
+    import sys
+
+    from .. import load
+    from ..bench import answers_bench
+    from ..calibrate import check_max_kl
+    from ..errors import IFPError
+    from ..selection import check_keep
+
+    if args.max_tokens < 1 or (args.n is not None and args.n < 1):
+        raise IFPError("--max-tokens and --n must be ≥ 1")
+    if args.max_kl is not None:
+        check_max_kl(args.max_kl)
+    for k in args.keep:
+        if isinstance(k, float):
+            check_keep(k)
+    if any(r is not None and r < 0 for r in args.rescore):
+        raise IFPError("--rescore must be ≥ 0")
+    settings = {}
+    for k in args.keep:
+        for r in args.rescore:
+            kw = {} if k == "default" else {"keep": k}
+            if k == "auto" and args.max_kl is not None:
+                kw["max_kl"] = args.max_kl
+            if args.predictor:
+                kw["predictor"] = args.predictor
+            if r is not None:
+                kw["rescore"] = r
+            name = "default" if k == "default" else f"keep {k}"
+            settings[name + ("" if r is None else f", rescore {r}")] = kw
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store)
+    r = answers_bench(model, tokenizer, settings, args.split, args.n, args.max_tokens,
+                      lambda i, n: print(f"\ranswered {i}/{n}", end="", file=sys.stderr, flush=True))  # fmt: skip
+    print(file=sys.stderr)
+    r["model"] = model_name(args.model)
+    d = r["dense"]
+    print(f"{r['model']} | {r['questions']} short questions ({r['split']} split), greedy, limit "
+          f"{r['max_tokens']} tokens, store {r['store']} | dense: {d['accuracy']:.0%} right, "
+          f"{d['ended']:.0%} ended, {d['seconds']:.1f} s")  # fmt: skip
+    print(f"{'setting':>24} {'keep':>5} {'right':>6} {'ends':>6} {'loops':>6} {'length':>7} "
+          f"{'time':>6}")  # fmt: skip
+    for name, m in r["rows"].items():
+        print(f"{name:>24} {m['keep']:5.2f} {m['right']:6.1%} {m['ends']:6.1%} {m['loops']:6.1%} "
+              f"{m['length_ratio']:6.2f}x {m['time_ratio']:5.2f}x")  # fmt: skip
+    print("right: of the questions dense answers right; ends: of the answers dense ends; "
+          "length, time: vs dense (time = to a complete answer, selection and prefill included)")
     write_json(args.json, r)
 
 

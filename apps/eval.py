@@ -10,6 +10,12 @@ LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),
     ("fidelity_kl", "KL", "{:6.3f}"),
     ("fidelity_agree", "agree", "{:6.1%}"),
+    ("answers_right", "right", "{:6.1%}"),
+    ("answers_ends", "ends", "{:6.1%}"),
+    ("answers_loops", "loops", "{:6.1%}"),
+    ("answers_length", "length", "{:6.2f}"),
+    ("answers_time", "time", "{:5.2f}"),
+    ("answers_f1", "F1", "{:5.2f}"),
     ("mmlu_acc", "MMLU", "{:6.1%}"),
     ("humaneval_pass1", "HumanEval", "{:9.1%}"),
     ("text_ppl", "text ppl", "{:8.2f}"),
@@ -48,6 +54,12 @@ def main(argv=None) -> None:
     p.add_argument("--n-humaneval", type=int)
     p.add_argument("--mmlu-limit", type=int)
     p.add_argument("--n-text", type=int)
+    p.add_argument("--n-answers", type=int,
+                   help="answers: short questions with gold answers (default 48)")  # fmt: skip
+    p.add_argument("--n-open", type=int, help="answers: open ShareGPT prompts (default 8)")
+    p.add_argument("--answer-tokens", type=int, help="answers: token limit (default 64)")
+    p.add_argument("--rescore", type=int,
+                   help="answers: reselect every N answer tokens (activation methods)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/eval", help="results folder (JSON + PNG)")
     p.add_argument("--no-plots", action="store_true")
@@ -63,12 +75,15 @@ def run(args) -> None:
 
     kw = {"seed": args.seed, "dequantize": args.dequantize}
     for flag in ("methods", "metrics", "keeps", "max_kls", "n_chat", "n_fidelity", "n_humaneval",
-                 "mmlu_limit", "n_text"):  # fmt: skip
+                 "mmlu_limit", "n_text", "n_answers", "n_open", "answer_tokens", "rescore"):  # fmt: skip
         if getattr(args, flag) is not None:
             kw[flag] = getattr(args, flag)
-    for flag in ("n_chat", "n_fidelity", "n_humaneval", "mmlu_limit", "n_text"):
+    for flag in ("n_chat", "n_fidelity", "n_humaneval", "mmlu_limit", "n_text", "answer_tokens"):
         if kw.get(flag, 1) <= 0:
             raise IFPError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("n_answers", "n_open", "rescore"):
+        if kw.get(flag, 0) < 0:
+            raise IFPError(f"--{flag.replace('_', '-')} must be ≥ 0")
     cfg = EvalConfig.quick(**kw) if args.quick else EvalConfig(**kw)
     check_config(cfg)  # before the slow model load
     model, tokenizer = load(args.model)

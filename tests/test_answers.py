@@ -146,3 +146,26 @@ def test_rescoring_text_matches_its_tokens(tiny):
     rs = list(ifp_mlx.stream_generate(model, tok, "w7 w8", keep=0.5, predictor="activation", max_tokens=9, rescore=3))
     assert "".join(r.text for r in rs) == tok.decode([r.token for r in rs])
     assert rs[-1].finish_reason == "length" and all(r.finish_reason is None for r in rs[:-1])
+
+
+def test_bench_answers_cli(tiny_q4, tmp_path, capsys):
+    import json
+
+    from ifp_mlx.apps import bench
+
+    out = tmp_path / "a.json"
+    argv = ["answers", "--model", str(tiny_q4), "--keep", "1", "0.5", "--rescore", "0", "3",
+            "--n", "3", "--max-tokens", "6", "--json", str(out)]  # fmt: skip
+    bench.main(argv)
+    r = json.loads(out.read_text())
+    assert set(r["rows"]) == {"keep 1.0, rescore 0", "keep 1.0, rescore 3", "keep 0.5, rescore 0",
+                              "keep 0.5, rescore 3"}  # fmt: skip
+    same = r["rows"]["keep 1.0, rescore 0"]  # dense against itself: full marks
+    assert (same["right"], same["ends"], same["length_ratio"], same["f1"]) == (1, 1, 1, 1)
+    assert r["questions"] == 3 and str(tmp_path) not in out.read_text()
+    assert r["rows"]["keep 0.5, rescore 3"]["keep"] == pytest.approx(0.5, abs=0.02)
+    printed = capsys.readouterr().out
+    assert "time" in printed and "keep 0.5, rescore 3" in printed
+    for bad in (["--rescore", "-1"], ["--n", "0"], ["--keep", "2"]):
+        with pytest.raises(SystemExit):
+            bench.main(["answers", "--model", str(tiny_q4), *bad, "--json", str(out)])

@@ -45,6 +45,14 @@ def test_quick_schema(quick_result):
     assert r["dense_prefill_ms"] > 0
     dense = next(x for x in r["results"] if x["method"] == "dense")
     assert dense["fidelity_kl"] == pytest.approx(0, abs=1e-5) and dense["fidelity_agree"] == 1
+    # free-running answers: dense against itself scores full marks; every row has them
+    assert (dense["answers_right"], dense["answers_ends"], dense["answers_length"]) == (1, 1, 1)
+    assert dense["answers_f1"] == 1 and dense["answers_first_sentence"] == 1
+    for row in r["results"]:
+        assert 0 <= row["answers_right"] <= 1 and 0 <= row["answers_loops"] <= 1, row
+        assert row["answers_time"] > 0 and 0 < row["answers_keep"] <= 1
+    kept = {(x["method"], x["keep"]): x["answers_keep"] for x in r["results"]}
+    assert kept[("ifp-activation", 0.25)] == pytest.approx(0.25, abs=0.02)
     s = r["speed"]
     assert s["dense_decode_tps"] > 0 and len(s["rows"]) == 2
     assert {"select_ms", "materialize_ms", "materialize_gbps", "copy_gbps"} <= set(s["rows"][0])
@@ -61,6 +69,12 @@ def test_metrics_use_the_split_they_claim(quick_result):
     evaluated = set(splits["chat-loss"]["ids"]) | set(splits["fidelity"]["ids"])
     assert not evaluated & set(calib)
     assert all(i.startswith("HumanEval/") for i in splits["humaneval"]["ids"])
+    from ifp_mlx.eval.answers import short_answers
+
+    test_ids = {q.id for q in short_answers("test")}
+    ids = splits["answers"]["ids"]
+    assert len(ids) == 5 and set(ids[:3]) <= test_ids  # 3 short questions, 2 ShareGPT prompts
+    assert all(data.split_of(i) == "test" for i in ids[3:])
 
 
 def test_splits_are_disjoint_and_stable():

