@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import cli_errors
-from .common import add_store_flag, keep_arg, model_name
+from .common import MODEL_HELP, add_store_flag, keep_arg, model_name
 
 
 def main(argv=None) -> None:
@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     q.add_argument("--max-tokens", type=int, default=2048)
     q.add_argument("--json", default="results/bench-quant.json")
     s = sub.add_parser("speed", help="dense vs pruned decode speed and TTFT split")
-    s.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    s.add_argument("--model", help=MODEL_HELP)
     s.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.33])
     s.add_argument("--prompt-tokens", type=int, default=1024)
     s.add_argument("--decode-tokens", type=int, default=64)
@@ -30,13 +30,13 @@ def main(argv=None) -> None:
     s.add_argument("--json", default="results/bench-speed.json")
     add_store_flag(s)
     pol = sub.add_parser("policy", help="multi-turn policies: first-turn vs per-turn")
-    pol.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    pol.add_argument("--model", help=MODEL_HELP)
     pol.add_argument("--keep", type=float, default=0.5)
     pol.add_argument("--answer-tokens", type=int, default=32)
     pol.add_argument("--json", default="results/bench-policy.json")
     add_store_flag(pol)
     m = sub.add_parser("memory", help="peak memory and reads: dense vs memory vs flash store")
-    m.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    m.add_argument("--model", help=MODEL_HELP)
     m.add_argument("--keep", type=float, default=0.5)
     m.add_argument("--max-tokens", type=int, default=32, help="tokens per one-shot answer")
     m.add_argument("--decode-tokens", type=int, default=32)
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     m.add_argument("--json", default="results/bench-memory.json")
     an = sub.add_parser("answers", help="free-running answers vs dense: right, ends, loops, "
                         "length and time to a complete answer, in one run")  # fmt: skip
-    an.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    an.add_argument("--model", help=MODEL_HELP)
     an.add_argument("--keep", type=keep_arg, nargs="+", default=["default"],
                     help="settings to compare with dense: 'default' (the folder's: no flags), "
                     "'auto', a fraction or a per-layer list (default: default)")  # fmt: skip
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     an.add_argument("--json", default="results/bench-answers.json")
     add_store_flag(an)
     sv = sub.add_parser("serve", help="load test of ifp-serve: concurrent mixed requests")
-    sv.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    sv.add_argument("--model", help=MODEL_HELP)
     sv.add_argument("--requests", type=int, default=200)
     sv.add_argument("--clients", type=int, default=8)
     sv.add_argument("--max-tokens", type=int, default=16)
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     sv.add_argument("--json", default="results/bench-serve.json")
     d = sub.add_parser("distributed", help="1 rank vs N ranks (mlx.launch, ring): tok/s, bytes "
                        "per decoded token per rank, global vs balanced KL")  # fmt: skip
-    d.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    d.add_argument("--model", help=MODEL_HELP)
     d.add_argument("--keep", type=float, default=0.5)
     d.add_argument("--ranks", type=int, default=2, help="local processes under mlx.launch")
     d.add_argument("--prompts", type=int, default=8, help="held-out ShareGPT prompts for KL")
@@ -133,7 +133,9 @@ def run_distributed(args) -> None:
     flags = ["--keep", str(args.keep), "--prompts", str(args.prompts), "--answer-tokens",
              str(args.answer_tokens), "--decode-tokens", str(args.decode_tokens)]  # fmt: skip
     if args.model:
-        flags += ["--model", str(Path(args.model).resolve())]
+        from ..bundled import model_path
+
+        flags += ["--model", str(model_path(args.model).resolve())]
     bench = [sys.executable, "-m", "ifp_mlx.dist_bench", *flags]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,13 +4,13 @@ so ``--keep auto --max-kl T`` (and the default) can pick the keep for a quality 
 import argparse
 
 from ..errors import cli_errors
-from .common import model_name
+from .common import MODEL_HELP, model_name
 from .eval import _floats
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-calibrate", description=__doc__)
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--predictor", help="activation | learned (default: the folder's default)")
     p.add_argument("--keeps", type=_floats, help="comma list (default 0.2, 0.25, ..., 1)")
     p.add_argument("--n-prompts", type=int, help="calibration prompts (default 32)")
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     from .. import load
-    from ..bundled import default_model
+    from ..bundled import model_path
     from ..calibrate import CalibrationConfig, calibrate, check_max_kl, check_protect, curves
     from ..loading import set_ifp_entries
     from ..predictors import get_predictor
@@ -46,7 +46,7 @@ def run(args) -> None:
     protect = None
     if args.protect is not None:
         protect = list(check_protect(args.protect.split(","), 10**9))
-    folder = args.model or default_model()
+    folder = model_path(args.model)
     model, tokenizer = load(folder)
     entries = {}
     if protect is not None:

@@ -2,6 +2,11 @@
 
 import argparse
 
+MODEL_HELP = (
+    "ifp-mlx model folder, or a bundled model fetched and converted on first use: "
+    "smollm2-135m (the default, 8-bit), qwen2.5-coder-0.5b, gemma3-270m"
+)
+
 
 def keep_arg(text: str):
     """``0.5``, ``auto`` or a comma-separated per-layer list ``0.4,0.6,...``."""
@@ -20,7 +25,7 @@ def keep_arg(text: str):
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
         "--keep",
         type=keep_arg,
@@ -50,10 +55,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_store_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ffn-store",
-        default="memory",
-        choices=("memory", "flash"),
-        help="memory: every FFN unit resident; flash: only the kept units are read from the "
-        "model folder, per prompt (needs a folder converted by ifp-mlx >= format 2)",
+        default="auto",
+        choices=("auto", "memory", "flash"),
+        help="flash: only the kept units are read from the model folder, per prompt (the "
+        "pruned model peaks below the dense one); memory: every FFN unit resident; auto "
+        "(default): flash where the folder has a unit file (ifp-mlx format >= 2), else memory",
     )
 
 

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import IFPError, cli_errors, write_json
-from .common import model_name
+from .common import MODEL_HELP, model_name
 
 LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     from ..eval.runner import METRICS
 
     p = argparse.ArgumentParser(prog="ifp-eval", description=__doc__)
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--methods", type=_names, help="comma list (default: all available)")
     p.add_argument("--metrics", type=_names, help=f"comma list of {', '.join(METRICS)}")
     p.add_argument("--keeps", type=_floats, help="comma list (default 1,0.75,0.5,0.33,0.25)")

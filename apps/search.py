@@ -5,11 +5,12 @@ import argparse
 from pathlib import Path
 
 from ..errors import cli_errors, write_json
+from .common import MODEL_HELP
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-search", description=__doc__)
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--method", help="static | ifp-activation | ifp-learned (default activation)")
     for flag, typ in (("keep", float), ("low", float), ("high", float), ("samples", int),
                       ("rank", int), ("top", int), ("n-calib", int), ("seed", int)):  # fmt: skip
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     from .. import load
-    from ..bundled import default_model
+    from ..bundled import model_path
     from ..loading import set_ifp_entries
     from ..model import dequantize
     from ..search import SearchConfig, budget_entry, check, fractions, plot, search
@@ -37,7 +38,7 @@ def run(args) -> None:
         if getattr(args, k) is not None
     }
     cfg = SearchConfig(**kw)
-    folder = Path(args.model) if args.model else default_model()
+    folder = model_path(args.model)
     model, tokenizer = load(folder)
     check(cfg, model.ffn_units)  # before anything slow
     if args.dequantize:

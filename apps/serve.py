@@ -3,13 +3,13 @@
 import argparse
 
 from ..errors import IFPError, cli_errors
-from .common import add_distributed_flags, add_store_flag, keep_arg
+from .common import MODEL_HELP, add_distributed_flags, add_store_flag, keep_arg
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-serve", description="Serve a pruned model over the "
                                 "OpenAI API (chat and text completions).")  # fmt: skip
-    p.add_argument("--model", help="ifp-mlx model folder (default: bundled SmolLM2, 8-bit)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     from .. import load
-    from ..bundled import default_model
+    from ..bundled import model_path
     from ..convert.writer import check_output
     from ..joint import JointConfig, JointTrainer
     from ..train import TrainConfig, Trainer
@@ -56,7 +56,7 @@ def run(args) -> None:
         cfg = JointConfig.preset(args.preset, stage=args.stage, **kw)
     else:
         cfg = TrainConfig.preset(args.preset, **kw)
-    folder = Path(args.model) if args.model else default_model()
+    folder = model_path(args.model)
     default_ckpt = f".ifp-train-stage{args.stage}" if joint else ".ifp-train"
     checkpoint = Path(args.checkpoint) if args.checkpoint else folder / default_ckpt
     if args.resume and not (checkpoint / "meta.json").is_file():

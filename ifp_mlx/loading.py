@@ -23,7 +23,7 @@ from .store import (
 )
 from .validate import check_folder, check_ifp_block, check_vocabulary
 
-FFN_STORES = ("memory", "flash")
+FFN_STORES = ("memory", "flash", "auto")
 _CLASSES = {}
 
 
@@ -72,7 +72,9 @@ def _resolve(path: Union[str, Path]) -> Path:
             return Path(snapshot_download(str(path)))
         except Exception as e:
             raise IFPError(f"cannot download {path}: {str(e).splitlines()[0][:200]}")
-    raise IFPError(f"no such model folder: {path}")
+    from .bundled import BUNDLED
+
+    raise IFPError(f"no such model folder: {path} (bundled models: {', '.join(BUNDLED)})")
 
 
 def read_ifp_config(path: Path, name: Optional[str] = None) -> dict:
@@ -103,7 +105,10 @@ def load(
     The model is an mlx-lm model (call it with ``cache=``, pass it to mlx-lm's ``generate``).
     ``ffn_store="memory"`` reads every FFN unit now; ``"flash"`` reads none: each ``select``
     reads only the kept units from the folder's unit file (``dense()`` reads them all; a
-    forward pass without either streams each layer's units through memory).
+    forward pass without either streams each layer's units through memory). ``"auto"`` (what
+    the CLIs and the server use) is flash where the folder has a unit file, else memory: a
+    pruned model then peaks below the same weights dense. Training, calibration and direct
+    mlx-lm use want every unit resident: the library's default stays ``"memory"``.
 
     ``distributed=True`` (every rank of an ``mlx.launch`` job calls it): this rank holds its
     share of attention heads and of every FFN layer's units (``ifp_mlx.distributed``);
@@ -116,10 +121,12 @@ def load(
         from .distributed import check_policy
 
         check_policy(shard_policy)
-    if path is None:
-        from .bundled import default_model
+    from .bundled import bundled_model, default_model, is_bundled
 
+    if path is None:
         path = default_model()
+    elif is_bundled(path):
+        path = bundled_model(path)
     name = str(path)
     path = _resolve(path)
     full_config = read_ifp_config(path, name)
@@ -128,12 +135,14 @@ def load(
     spec = None
     if ifp_config.get("ffn_store") is not None:
         spec = FileSpec.from_dict(ifp_config["ffn_store"], path)
-    elif ffn_store == "flash":
+    if ffn_store == "auto":
+        ffn_store = "flash" if spec is not None else "memory"
+    if spec is None and ffn_store == "flash":
         raise IFPError(
             f"{path} was converted before the flash FFN store existed; reconvert it "
             "(ifp-convert SOURCE OUT) to use --ffn-store flash, or use --ffn-store memory"
         )
-    elif distributed:
+    if spec is None and distributed:
         raise IFPError(
             f"{path} was converted before the FFN unit file existed; reconvert it "
             "(ifp-convert SOURCE OUT) to shard it over ranks"

@@ -35,8 +35,9 @@ def _peak_rss_mb() -> float:
     return kb / 2**20 if sys.platform == "darwin" else kb / 2**10
 
 
-def run_case(folder: str, store: str, keep: float, max_tokens: int, predictor=None) -> dict:
-    """One-shot generation in this process; what a user's process would peak at."""
+def run_case(folder: str, store: str, keep, max_tokens: int, predictor=None) -> dict:
+    """One-shot generation in this process; what a user's process would peak at. ``keep``
+    None with store ``auto`` is the default a user gets with no flags (the folder's settings)."""
     from .generate import stream_generate
     from .loading import load
 
@@ -48,8 +49,8 @@ def run_case(folder: str, store: str, keep: float, max_tokens: int, predictor=No
         tokens.append(int(r.token))
         last = r
     return {
-        "store": store,
-        "keep": keep,
+        "store": model.ffn_store,
+        "keep": last.ifp.keep,
         "peak_rss_mb": _peak_rss_mb(),
         "mlx_peak_mb": mx.get_peak_memory() / 2**20,
         "load_s": load_s,
@@ -175,11 +176,9 @@ def memory_bench(
     from .loading import _resolve, read_ifp_config
     from .store import FileSpec
 
-    path = _resolve(folder) if folder else None
-    if path is None:
-        from .bundled import default_model
+    from .bundled import model_path
 
-        path = default_model()
+    path = _resolve(model_path(folder or None))
     ifp = read_ifp_config(path)["ifp"]
     if not ifp.get("ffn_store"):
         raise IFPError(f"{path} has no unit file (converted before format 2): reconvert it")
@@ -191,6 +190,7 @@ def memory_bench(
         ("memory", _subprocess_case(f, "memory", keep, max_tokens, predictor)),
         ("flash", _subprocess_case(f, "flash", keep, max_tokens, predictor)),
         ("flash-dense", _subprocess_case(f, "flash", 1.0, max_tokens, predictor)),
+        ("default", _subprocess_case(f, "auto", None, max_tokens, predictor)),  # no flags
     ]
     out = {
         "model": f"{path.name} (from {ifp.get('source')})",
@@ -205,6 +205,7 @@ def memory_bench(
     out["flash_saving_mb"] = c["dense"]["peak_rss_mb"] - c["flash"]["peak_rss_mb"]
     out["target_saving_mb"] = 0.8 * (1 - keep) * out["ffn_mb"]
     out["same_tokens_memory_flash"] = c["memory"]["tokens"] == c["flash"]["tokens"]
+    out["default_vs_dense_peak"] = c["default"]["peak_rss_mb"] / c["dense"]["peak_rss_mb"]
     out["io"] = flash_io(f, keep, decode_tokens, rounds, predictor)
     return out
 
@@ -218,7 +219,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["cases"])
     rss = [result["cases"][n]["peak_rss_mb"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(names, rss, color=["#888", "#4a7", "#37c", "#9bd"][: len(names)])
+    ax.bar(names, rss, color=["#888", "#4a7", "#37c", "#9bd", "#c73"][: len(names)])
     for i, v in enumerate(rss):
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("peak RSS (MB)")
@@ -235,5 +236,5 @@ def plot(result: dict, path: Path) -> None:
 
 if __name__ == "__main__":  # one case per process: python -m ifp_mlx.memory FOLDER STORE KEEP N
     folder, store, keep, n, pred = sys.argv[1:6]
-    res = run_case(folder, store, float(keep), int(n), pred or None)
+    res = run_case(folder, store, None if keep == "None" else float(keep), int(n), pred or None)
     print(json.dumps(res))

@@ -28,7 +28,7 @@ class ServeConfig:
     keep: Any = None  # the server's default budget (None: the folder's default)
     predictor: Optional[str] = None
     policy: str = "first-turn"
-    ffn_store: str = "memory"
+    ffn_store: str = "auto"  # flash where the folder has a unit file
     api_key: Optional[str] = None
     max_queue: int = 8  # requests waiting behind the running one
     max_body_mb: float = 1.0

@@ -38,6 +38,8 @@ IFP_TYPES: Dict[str, tuple] = {
     "default_max_kl": (lambda v: _number(v) and v > 0, "a positive number"),
     "compensate": (lambda v: isinstance(v, bool), "true or false"),
     "default_predictor": (lambda v: isinstance(v, str), "a predictor name"),
+    "rescore": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                "a whole number ≥ 0"),  # fmt: skip
 }
 
 
