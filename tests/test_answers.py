@@ -169,3 +169,28 @@ def test_bench_answers_cli(tiny_q4, tmp_path, capsys):
     for bad in (["--rescore", "-1"], ["--n", "0"], ["--keep", "2"]):
         with pytest.raises(SystemExit):
             bench.main(["answers", "--model", str(tiny_q4), *bad, "--json", str(out)])
+
+
+def test_folder_rescore_setting_and_auto_store(tmp_path, capsys):
+    from ifp_mlx.apps import generate
+    from ifp_mlx.loading import set_ifp_entries
+
+    convert(make_tiny_hf("llama", tmp_path / "hf", seed=3), tmp_path / "m", progress=False)
+    folder = tmp_path / "m"
+    set_ifp_entries(folder, rescore=3)
+    flash, tok = ifp_mlx.load(folder, ffn_store="auto")
+    memory, _ = ifp_mlx.load(folder)
+    assert (flash.ffn_store, memory.ffn_store) == ("flash", "memory")
+    runs = {}
+    for name, model in (("flash", flash), ("memory", memory)):
+        rs = list(ifp_mlx.stream_generate(model, tok, "w7 w8 w9", keep=0.5, predictor="activation", max_tokens=7))
+        assert rs[-1].ifp.rescores == 2  # the folder's default: after tokens 3 and 6
+        runs[name] = [r.token for r in rs]
+    assert runs["flash"] == runs["memory"]  # the same units read from the file
+    off = list(ifp_mlx.stream_generate(memory, tok, "w7 w8 w9", keep=0.5, predictor="activation", max_tokens=7, rescore=0))
+    assert off[-1].ifp.rescores == 0
+    generate.main(["--model", str(folder), "--prompt", "w7 w8", "--keep", "0.5", "--max-tokens", "3"])
+    assert "store flash" in capsys.readouterr().err  # the CLIs' default store (stats on stderr)
+    set_ifp_entries(folder, rescore=-1)
+    with pytest.raises(IFPError, match="rescore"):
+        ifp_mlx.load(folder)
