@@ -10,6 +10,7 @@ LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),
     ("fidelity_kl", "KL", "{:6.3f}"),
     ("fidelity_agree", "agree", "{:6.1%}"),
+    ("end_prob", "P(end)", "{:6.3f}"),
     ("answers_right", "right", "{:6.1%}"),
     ("answers_ends", "ends", "{:6.1%}"),
     ("answers_loops", "loops", "{:6.1%}"),

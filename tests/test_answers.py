@@ -194,3 +194,26 @@ def test_folder_rescore_setting_and_auto_store(tmp_path, capsys):
     set_ifp_entries(folder, rescore=-1)
     with pytest.raises(IFPError, match="rescore"):
         ifp_mlx.load(folder)
+
+
+def test_end_probability_is_read_where_dense_ends(tiny):
+    """Dense cases keep their end-of-turn token; P(end) is read at that position, by hand."""
+    from ifp_mlx.eval.methods import Method
+    from ifp_mlx.eval.metrics import FidelityCase, answer_logits, end_probability, fidelity_cases
+
+    model, tok = tiny
+    dense = Method("dense", model, lambda: [])
+    prompt = prompt_tokens(tok, "w7 w8 w9")
+    free = fidelity_cases(dense, [prompt], 5, eos=set())
+    assert len(free) == 1 and not free[0].ended and len(free[0].answer) == 5
+    first = free[0].answer[2]  # pretend that token ends the turn: the case stops there
+    ended = fidelity_cases(dense, [prompt], 5, eos={first})[0]
+    assert ended.ended and ended.answer == free[0].answer[:3]
+    logits = answer_logits(dense, prompt, ended.answer, 1.0)[-1]
+    p = float(mx.softmax(logits)[first])
+    assert end_probability(dense, [ended, free[0]], 1.0) == pytest.approx(p, rel=1e-5)
+    pruned = Method("ifp-activation", model, lambda: [])
+    q = float(mx.softmax(answer_logits(pruned, prompt, ended.answer, 0.3)[-1])[first])
+    assert end_probability(pruned, [ended], 0.3) == pytest.approx(q, rel=1e-5) and q != pytest.approx(p)
+    assert end_probability(dense, [free[0]], 1.0) is None
+    assert isinstance(ended, FidelityCase)

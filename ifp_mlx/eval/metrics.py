@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,8 +56,9 @@ def kl_agreement(dense: mx.array, pruned: mx.array) -> Tuple[float, float]:
 @dataclass
 class FidelityCase:
     prompt: List[int]
-    answer: List[int]  # the dense model's own greedy answer
+    answer: List[int]  # the dense model's own greedy answer, its end-of-turn token included
     dense_logits: mx.array
+    ended: bool = False  # dense ended its turn within the limit (answer[-1] is that token)
 
 
 def fidelity_cases(dense: Method, prompts: Sequence[List[int]], tokens: int, eos) -> list:
@@ -65,19 +66,31 @@ def fidelity_cases(dense: Method, prompts: Sequence[List[int]], tokens: int, eos
     cases = []
     for prompt in prompts:
         dense.model.dense()
-        answer = []
+        answer, ended = [], False
         for tok, _ in generate_step(mx.array(prompt), dense.model, max_tokens=tokens):
             tok = int(tok)
+            answer.append(tok)  # the end of turn too: ending is part of what a user reads
             if tok in eos:
+                ended = True
                 break
-            answer.append(tok)
         mx.synchronize(generation_stream)  # mlx-lm's look-ahead step (generate.stream_generate)
-        if not answer:
+        if len(answer) == int(ended):
             continue
         logits = answer_logits(dense, prompt, answer, 1.0)
         mx.eval(logits)
-        cases.append(FidelityCase(prompt, answer, logits))
+        cases.append(FidelityCase(prompt, answer, logits, ended))
     return cases
+
+
+def end_probability(method: Method, cases: Sequence[FidelityCase], keep: float) -> Optional[float]:
+    """Mean probability of the end-of-turn token where the dense model ends its answer
+    (teacher-forced on dense's answer): how sure the pruned model is that the answer is done."""
+    probs = []
+    for c in cases:
+        if c.ended:
+            logits = answer_logits(method, c.prompt, c.answer, keep)[-1]
+            probs.append(mx.softmax(logits, axis=-1)[c.answer[-1]].item())
+    return sum(probs) / len(probs) if probs else None  # dense ended none of them
 
 
 def fidelity(method: Method, cases: Sequence[FidelityCase], keep: float) -> Tuple[float, float]:

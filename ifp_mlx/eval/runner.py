@@ -25,6 +25,7 @@ from .methods import Method, check_keeps, check_methods, method_names
 from .metrics import (
     answer_loss,
     complete,
+    end_probability,
     fidelity,
     fidelity_cases,
     multiple_choice,
@@ -294,7 +295,9 @@ def _measure(metric, method, items, keep, suite, tokenizer, cfg) -> dict:
         return row
     if metric == "fidelity":
         kl, agree = fidelity(method, items, keep)
-        return {"fidelity_kl": kl, "fidelity_agree": agree}
+        row = {"fidelity_kl": kl, "fidelity_agree": agree}
+        end = end_probability(method, items, keep)
+        return row if end is None else {**row, "end_prob": end}
     if metric == "answers":
         return answer_metrics(method, items, keep, suite, tokenizer, cfg)
     if metric == "mmlu":
