@@ -3,7 +3,8 @@ so ``--keep auto --max-kl T`` (and the default) can pick the keep for a quality 
 
 import argparse
 
-from ..errors import cli_errors
+from ..errors import IFPError, cli_errors
+from ..selection import check_keep
 from .common import MODEL_HELP, model_name
 from .eval import _floats
 
@@ -18,6 +19,10 @@ def main(argv=None) -> None:
     p.add_argument("--protect", metavar="FIRST,LAST",
                    help="keep the first/last FFN layers whole (a keep is then the mean keep); "
                    "stored in the folder, calibrated with it. 0,0 removes it")  # fmt: skip
+    p.add_argument("--answers", type=_floats, metavar="KEEPS",
+                   help="also measure free-running answers (right, ends, loops, length vs dense) "
+                   "at these keeps on the calib half of the short-answer set")  # fmt: skip
+    p.add_argument("--n-answers", type=int, default=48, help="questions for --answers (default 48)")
     p.add_argument("--default-max-kl", type=float,
                    help="also make this KL target the folder's default (keep=None)")  # fmt: skip
     args = p.parse_args(argv)
@@ -39,6 +44,10 @@ def run(args) -> None:
     }
     cfg = CalibrationConfig(**kw)
     cfg.check()  # before the slow model load
+    if args.n_answers < 1:
+        raise IFPError("--n-answers must be ≥ 1")
+    for k in args.answers or []:
+        check_keep(k)
     if args.predictor is not None:
         get_predictor(args.predictor)
     if args.default_max_kl is not None:
@@ -57,6 +66,10 @@ def run(args) -> None:
         model._ifp_config["protect"] = entries["protect"] = protect if any(protect) else None
     predictor = args.predictor or model.default_predictor
     curve = calibrate(model, tokenizer, predictor, cfg)
+    if args.answers:
+        from ..calibrate import calib_answers
+
+        curve.answers = calib_answers(model, tokenizer, predictor, args.answers, args.n_answers)
     entries["calibration"] = {**curves(model._ifp_config), predictor: curve.to_dict()}
     if args.default_max_kl is not None:
         entries["default_max_kl"] = args.default_max_kl
@@ -65,6 +78,12 @@ def run(args) -> None:
     print(f"{'keep':>5} {'KL':>6} {'agree':>6}")
     for k, kl, a in zip(curve.keeps, curve.kl, curve.agree):
         print(f"{k:5.2f} {kl:6.3f} {a:6.1%}")
+    a = curve.answers
+    if a:
+        print(f"free-running answers, {a['questions']} calib questions vs dense:")
+        print(f"{'keep':>5} {'right':>6} {'ends':>6} {'loops':>6} {'length':>7}")
+        for row in zip(a["keeps"], a["right"], a["ends"], a["loops"], a["length"]):
+            print("{:5.2f} {:6.1%} {:6.1%} {:6.1%} {:6.2f}x".format(*row))
     for target in (0.25, 0.5, 1.0):
         print(f"--max-kl {target:g}: keep {curve.keep_for(target):.3f}")
     print(f"stored the curve in the folder's config.json (ifp.calibration.{predictor})")

@@ -52,6 +52,7 @@ class Curve:
     tokens: int = 0
     split: str = SPLIT
     ids: List[str] = field(default_factory=list)  # which calibration prompts were used
+    answers: Optional[dict] = None  # free-running answer metrics at some keeps (calib_answers)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Curve":
@@ -237,3 +238,26 @@ def resolve(model, keep=None, predictor=None, max_kl=None) -> Choice:
     keep = check_keep(keep)
     expected = curve.expected_kl(keep) if curve is not None else None
     return Choice(protected_budget(keep, protect, layers), predictor, expected, None, keep)
+
+
+def calib_answers(model, tokenizer, predictor: str, keeps: List[float], n: int,
+                  max_tokens: int = 64, progress=None) -> dict:  # fmt: skip
+    """What a user reads at some keeps, on the ``calib`` half of the short-answer set: of the
+    questions dense answers right, the share still right; of the answers dense ends, the share
+    that end; the share that loop; answer length vs dense (``ifp_mlx.eval.answers``)."""
+    from .eval.answers import compare, run_settings, short_answers
+
+    qs = short_answers(SPLIT)[:n]
+    settings = {k: {"keep": k, "predictor": predictor} for k in keeps if k < 1.0}
+    runs = run_settings(model, tokenizer, [q.q for q in qs], {"dense": {"keep": 1.0}, **settings},
+                        max_tokens, progress)  # fmt: skip
+    rows = {k: compare(runs["dense"], runs[k], [q.need for q in qs]) for k in settings}
+    return {
+        "keeps": list(rows),
+        "right": [m.right for m in rows.values()],
+        "ends": [m.ends for m in rows.values()],
+        "loops": [m.loops for m in rows.values()],
+        "length": [m.length_ratio for m in rows.values()],
+        "questions": len(qs),
+        "max_tokens": max_tokens,
+    }

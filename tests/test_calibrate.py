@@ -174,9 +174,13 @@ def test_ifp_calibrate_measures_and_stores_the_curve(folder, capsys):
 
     try:
         cli.main(["--model", str(folder), "--keeps", "0.25,0.5", "--n-prompts", "3",
-                  "--tokens", "6", "--protect", "1,0", "--default-max-kl", "0.3"])  # fmt: skip
+                  "--tokens", "6", "--protect", "1,0", "--default-max-kl", "0.3",
+                  "--answers", "0.5,1", "--n-answers", "2"])  # fmt: skip
         ifp = read_json(folder / "config.json")["ifp"]
         curve = Curve.from_dict(ifp["calibration"]["activation"])
+        a = curve.answers  # free-running answers at the keeps asked (keep 1 is dense: skipped)
+        assert a["keeps"] == [0.5] and a["questions"] == 2 and 0 <= a["right"][0] <= 1
+        assert len(a["ends"]) == len(a["loops"]) == len(a["length"]) == 1
         assert curve.keeps == [0.25, 0.5, 1.0] and curve.split == "calib"
         assert curve.kl[-1] == 0.0 and curve.agree[-1] == 1.0
         assert min(curve.kl[:2]) > 0 and curve.agree[0] < 1  # a random tiny model: no trend
@@ -184,6 +188,7 @@ def test_ifp_calibrate_measures_and_stores_the_curve(folder, capsys):
         assert ifp["protect"] == [1, 0] and ifp["default_max_kl"] == 0.3
         out = capsys.readouterr().out
         assert "--max-kl 0.5: keep" in out and str(folder.parent) not in out
+        assert "free-running answers, 2 calib questions" in out
         for flags, msg in ((["--keeps", "0.5"], "at least two keeps"),
                            (["--protect", "2,0"], "must leave some"),
                            (["--n-prompts", "0"], "must be positive")):  # fmt: skip
