@@ -324,6 +324,9 @@ def run_memory(args) -> None:
         f"(target 0.8 x (1 - keep) x FFN = {r['target_saving_mb']:.1f} MB: {ok}); "
         f"same tokens memory/flash: {r['same_tokens_memory_flash']}"
     )
+    d = c["default"]
+    print(f"the default (no flags: store {d['store']}, keep {d['keep']:.2f}) peaks at "
+          f"{100 * r['default_vs_dense_peak']:.0f}% of dense")  # fmt: skip
     print(f"materialize (sequential read of the unit file: {io['sequential_read_gbps']:.2f} GB/s)")
     for mode in ("exact", "merged"):
         x = io[mode]

@@ -90,7 +90,10 @@ def test_memory_bench_runs(tiny_q4, tmp_path):
     out = run_bench("memory", "--model", tiny_q4, "--max-tokens", "3", "--decode-tokens", "3",
                     "--rounds", "1", "--json", tmp_path / "m.json")  # fmt: skip
     r = json.loads((tmp_path / "m.json").read_text())
-    assert set(r["cases"]) == {"dense", "memory", "flash", "flash-dense"}
+    assert set(r["cases"]) == {"dense", "memory", "flash", "flash-dense", "default"}
+    default = r["cases"]["default"]  # no flags: the folder's keep, the flash store
+    assert default["store"] == "flash" and default["keep"] == 0.5 and default["read_mb"] > 0
+    assert "default" in out and r["default_vs_dense_peak"] > 0
     assert r["same_tokens_memory_flash"] and "flash saves" in out
     assert r["cases"]["memory"]["read_mb"] == 0 < r["cases"]["flash"]["read_mb"]
     assert r["cases"]["flash-dense"]["read_mb"] == pytest.approx(r["ffn_mb"])
