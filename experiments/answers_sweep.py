@@ -29,6 +29,8 @@ def parse(name: str) -> dict:
             kw["predictor"] = part
         elif part.startswith("r"):
             kw["rescore"] = int(part[1:])
+        elif part.startswith("h"):
+            kw["dense_head"] = int(part[1:])
     return kw
 
 

@@ -134,6 +134,7 @@ def stream_generate(
     max_kl: Optional[float] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     rescore: Optional[int] = None,
+    dense_head: Optional[int] = None,
     **kwargs,
 ) -> Iterator[IFPResponse]:
     """Like ``mlx_lm.stream_generate`` but prunes the FFNs for this prompt first.
@@ -145,7 +146,10 @@ def stream_generate(
     are prefilled (first with 0, before any work). ``rescore=N`` (activation predictor) scores
     the answer as it grows: every N generated tokens one dense pass over them rewrites their KV
     entries and adds their activations to the prompt's, and the top units are reselected
-    (``Rescorer``). ``kwargs`` go to mlx-lm (``sampler=``, ...).
+    (``Rescorer``); None: the folder's ``ifp.rescore`` (0 = off). ``dense_head=H`` (activation
+    predictor) writes the first H answer tokens with the dense model and selects from prompt +
+    those tokens; None: the folder's ``ifp.dense_head`` (0 = select from the prompt).
+    ``kwargs`` go to mlx-lm (``sampler=``, ...).
     """
     from .calibrate import resolve
     from .selection import budget_units
@@ -161,9 +165,12 @@ def stream_generate(
     choice = resolve(model, keep, predictor, max_kl)
     budget_units(choice.keep, model.ffn_units)  # validate early
 
-    rescore = model.default_rescore if rescore is None else rescore
-    if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0:
-        raise IFPError(f"rescore must be a whole number ≥ 0, not {rescore!r}")
+    ifp = model.__dict__.get("_ifp_config", {})
+    rescore = ifp.get("rescore", 0) if rescore is None else rescore
+    dense_head = ifp.get("dense_head", 0) if dense_head is None else dense_head
+    for name, value in (("rescore", rescore), ("dense_head", dense_head)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise IFPError(f"{name} must be a whole number ≥ 0, not {value!r}")
     if progress is not None:
         progress(0, len(tokens))
     stats = IFPStats(prompt_tokens=len(tokens), store=model.ffn_store)
@@ -175,12 +182,11 @@ def stream_generate(
     if is_dense(choice.keep):
         model.dense()
     elif reselect or model.selection is None:
-        if rescore:
-            rescorer = Rescorer.make(model, choice, rescore, cache)
+        if rescore or dense_head:
+            rescorer = Rescorer.make(model, choice, rescore, dense_head, cache)
         with prefill_progress(progress and (lambda done, _: progress(done, len(tokens)))):
             if rescorer is not None:
-                sel = model.select(tokens, choice.keep, rescorer.predictor, cache=cache)
-                sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
+                sel = rescorer.start(tokens)
             else:
                 sel = model.select(tokens, keep, predictor, cache=cache, max_kl=max_kl)
         stats.score_prefill_ms = sel.score_ms
@@ -206,8 +212,9 @@ def stream_generate(
         )
     try:
         for resp in source:
-            if rescorer is not None:
+            if rescorer is not None and rescorer.count != stats.rescores:
                 stats.rescores, stats.rescore_ms = rescorer.count, rescorer.ms
+                stats.keep, stats.predictor = model.selection.keep, model.selection.predictor
             if resp.generation_tokens == 1 or stats.ttft_ms == 0.0:
                 rest_ms = len(rest) / resp.prompt_tps * 1e3 if resp.prompt_tps else 0.0
                 stats.ttft_ms = ttft_start * 1e3 + rest_ms
@@ -232,13 +239,13 @@ class Rescorer:
     prompt + answer so far are then materialized. Prompt-only selection drifts from what the
     answer needs; scores over prompt *and* answer (the oracle) are much closer to dense."""
 
-    def __init__(self, model: nn.Module, predictor, budget, every: int, cache: list):
-        self.model, self.predictor, self.budget = model, predictor, budget
-        self.every, self.cache = every, cache
+    def __init__(self, model: nn.Module, predictor, choice, every: int, head: int, cache: list):
+        self.model, self.predictor, self.choice = model, predictor, choice
+        self.every, self.head, self.cache = every, head, cache
         self.count, self.ms = 0, 0.0
 
     @classmethod
-    def make(cls, model: nn.Module, choice, every: int, cache: list) -> Optional["Rescorer"]:
+    def make(cls, model: nn.Module, choice, every: int, head: int, cache: list):
         """A rescorer for this request, or None where it cannot run: a predictor that does not
         read activations, or a cache that cannot be rewound (a rotated sliding window)."""
         from .predictors.activation import ActivationPredictor
@@ -249,16 +256,32 @@ class Rescorer:
         if not isinstance(pred, ActivationPredictor) or not can_trim_prompt_cache(cache):
             return None
         fresh = ActivationPredictor(compensate=pred.compensate, accumulate=True)
-        return cls(model, fresh, choice.keep, every, cache)
+        return cls(model, fresh, choice, every, head, cache)
+
+    def start(self, tokens: List[int]) -> Selection:
+        """Select from the prompt; with a dense head, only score it (the dense model, or with
+        the flash store the units streamed layer by layer, writes the head's tokens)."""
+        if not self.head:
+            sel = self.model.select(tokens, self.choice.keep, self.predictor, cache=self.cache)
+            sel.expected_kl, sel.max_kl = self.choice.expected_kl, self.choice.max_kl
+            return sel
+        model = self.model
+        model.dense() if model.ffn_store == "memory" else model.release()
+        tic = time.perf_counter()
+        result = self.predictor.score(model, tokens, self.cache)
+        mx.eval(result.scores)
+        return Selection([], [], "dense", (time.perf_counter() - tic) * 1e3, 0.0,
+                         prefilled=result.prefilled)  # fmt: skip
 
     def tokens(self, rest: List[int], max_tokens: int, kwargs: dict):
-        """(token, logprobs) as mlx-lm's ``generate_step`` gives them, reselecting between
-        chunks of ``every`` tokens."""
+        """(token, logprobs) as mlx-lm's ``generate_step`` gives them: a dense head first,
+        then reselecting between chunks of ``every`` tokens."""
         kwargs = dict(kwargs)
         n = 0
         while n < max_tokens:
             chunk, base = [], self.cache[0].offset
-            steps = min(self.every, max_tokens - n)
+            size = self.head if n == 0 and self.head else (self.every or max_tokens)
+            steps = min(size, max_tokens - n)
             for token, logprobs in generate_step(
                 mx.array(rest), self.model, max_tokens=steps, prompt_cache=self.cache, **kwargs
             ):
@@ -274,7 +297,8 @@ class Rescorer:
             # token) from the pruned model: the dense pass rewrites rest + chunk[:-1] and leaves
             # chunk[-1] to feed, as the prompt's selection does.
             trim_prompt_cache(self.cache, self.cache[0].offset - base)
-            self.model.select(rest + chunk, self.budget, self.predictor, cache=self.cache)
+            sel = self.model.select(rest + chunk, self.choice.keep, self.predictor, cache=self.cache)
+            sel.expected_kl, sel.max_kl = self.choice.expected_kl, self.choice.max_kl
             self.count += 1
             self.ms += (time.perf_counter() - tic) * 1e3
             rest = chunk[-1:]

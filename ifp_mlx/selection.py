@@ -338,11 +338,6 @@ class IFPMixin:
         return "learned" if self.__dict__.get("_ifp_predictor") is not None else "activation"
 
     @property
-    def default_rescore(self) -> int:
-        """The folder's ``ifp.rescore``: reselect every N answer tokens (0: never)."""
-        return self.__dict__.get("_ifp_config", {}).get("rescore", 0)  # checked at load
-
-    @property
     def default_keep(self) -> Budget:
         """What ``keep=None`` means for the default predictor: the folder's searched per-layer
         budget, else the calibrated keep for its default quality target, else 0.5."""

@@ -25,6 +25,10 @@ def _number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 # ifp block entry -> (check, what it must be). Entries not listed are informational.
 IFP_TYPES: Dict[str, tuple] = {
     "format_version": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
@@ -38,8 +42,8 @@ IFP_TYPES: Dict[str, tuple] = {
     "default_max_kl": (lambda v: _number(v) and v > 0, "a positive number"),
     "compensate": (lambda v: isinstance(v, bool), "true or false"),
     "default_predictor": (lambda v: isinstance(v, str), "a predictor name"),
-    "rescore": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                "a whole number ≥ 0"),  # fmt: skip
+    "rescore": (_count, "a whole number ≥ 0"),
+    "dense_head": (_count, "a whole number ≥ 0"),
 }
 
 

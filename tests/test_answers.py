@@ -217,3 +217,26 @@ def test_end_probability_is_read_where_dense_ends(tiny):
     assert end_probability(pruned, [ended], 0.3) == pytest.approx(q, rel=1e-5) and q != pytest.approx(p)
     assert end_probability(dense, [free[0]], 1.0) is None
     assert isinstance(ended, FidelityCase)
+
+
+@pytest.mark.parametrize("store", ["memory", "flash"])
+def test_dense_head_then_a_selection_over_prompt_and_head(tiny, tmp_path, store):
+    """dense_head=H: the first H answer tokens are dense greedy's; the units are then those of
+    prompt + head (scored densely), and decoding continues from there."""
+    model, tok = tiny
+    if store == "flash":
+        convert(make_tiny_hf("llama", tmp_path / "hf", seed=5), tmp_path / "m", progress=False)
+        model, tok = ifp_mlx.load(tmp_path / "m", ffn_store="flash")
+    prompt = prompt_tokens(tok, "w7 w8 w9 w10 w11")
+    h, keep = 3, 0.5
+    rs = list(ifp_mlx.stream_generate(model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * h, dense_head=h, rescore=0))
+    got = [r.token for r in rs]
+    dense = [r.token for r in ifp_mlx.stream_generate(model, tok, prompt, keep=1.0, max_tokens=h)]
+    assert got[:h] == dense
+    assert rs[-1].ifp.rescores == 1 and rs[-1].ifp.keep == pytest.approx(0.5, abs=0.02)
+    cache = make_prompt_cache(model)
+    model.select(prompt + got[:h], keep, ActivationPredictor(), cache=cache)
+    ref = list(zip(generate_step(mx.array(got[h - 1 : h]), model, prompt_cache=cache), range(h)))
+    assert got[h:] == [int(t) for (t, _), _ in ref]
+    for r, ((_, logprobs), _) in zip(rs[h:], ref):
+        np.testing.assert_allclose(np.array(r.logprobs), np.array(logprobs), atol=1e-4)
