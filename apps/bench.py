@@ -276,8 +276,10 @@ def run_answers(args) -> None:
     for name, m in r["rows"].items():
         print(f"{name:>24} {m['keep']:5.2f} {m['right']:6.1%} {m['ends']:6.1%} {m['loops']:6.1%} "
               f"{m['length_ratio']:6.2f}x {m['time_ratio']:5.2f}x")  # fmt: skip
-    print("right: of the questions dense answers right; ends: of the answers dense ends; "
-          "length, time: vs dense (time = to a complete answer, selection and prefill included)")
+    print(
+        "right: of the questions dense answers right; ends: of the answers dense ends; "
+        "length, time: vs dense (time = to a complete answer, selection and prefill included)"
+    )
     write_json(args.json, r)
 
 

@@ -52,18 +52,32 @@ def main():
         qs = qs[: a.limit]
     names = ["dense"] + [s for s in a.settings.split(",") if s != "dense"]
     settings = {n: parse(n) for n in names}
-    res = run_settings(model, tok, [q.q for q in qs], settings, a.max_tokens,
-                       progress=lambda i, n: print(f"{i}/{n}", file=sys.stderr, flush=True))
-    out = {"model": a.model and a.model.rstrip("/").split("/")[-1], "split": a.split,
-           "max_tokens": a.max_tokens, "rows": {}, "answers": {}}
+    res = run_settings(
+        model,
+        tok,
+        [q.q for q in qs],
+        settings,
+        a.max_tokens,
+        progress=lambda i, n: print(f"{i}/{n}", file=sys.stderr, flush=True),
+    )
+    out = {
+        "model": a.model and a.model.rstrip("/").split("/")[-1],
+        "split": a.split,
+        "max_tokens": a.max_tokens,
+        "rows": {},
+        "answers": {},
+    }
     for n in names:
         m = compare(res["dense"], res[n], [q.need for q in qs], [q.id for q in qs])
         out["rows"][n] = {k: v for k, v in to_dict(m).items() if k != "ids"}
         out["answers"][n] = [x.text for x in res[n]]
         r = out["rows"][n]
-        print(f"{n:>16} keep {r['keep']:.2f} right {r['right']:.1%} acc {r['accuracy']:.1%} "
-              f"(dense {r['dense_accuracy']:.1%}) ends {r['ends']:.1%} loops {r['loops']:.1%} "
-              f"len {r['length_ratio']:.2f} time {r['time_ratio']:.2f} f1 {r['f1']:.2f}", flush=True)
+        print(
+            f"{n:>16} keep {r['keep']:.2f} right {r['right']:.1%} acc {r['accuracy']:.1%} "
+            f"(dense {r['dense_accuracy']:.1%}) ends {r['ends']:.1%} loops {r['loops']:.1%} "
+            f"len {r['length_ratio']:.2f} time {r['time_ratio']:.2f} f1 {r['f1']:.2f}",
+            flush=True,
+        )
     if a.out:
         json.dump(out, open(a.out, "w"), indent=1)
 

@@ -186,9 +186,7 @@ def answers_bench(
             "seconds": sum(a.seconds for a in dense),
         },
         "rows": rows,
-        "examples": {
-            name: [a.text for a in runs[name][:3]] for name in ["dense", *settings]
-        },
+        "examples": {name: [a.text for a in runs[name][:3]] for name in ["dense", *settings]},
     }
 
 

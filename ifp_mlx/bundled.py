@@ -227,7 +227,13 @@ def _user_entries(folder: Path):
 SHIPPED = Path(__file__).parent / "data"
 # What ifp-calibrate and the measured default set in a folder's ifp block (kept on updates).
 SETTINGS = (
-    "calibration", "protect", "default_predictor", "compensate", "default_max_kl", "rescore", "dense_head"
+    "calibration",
+    "protect",
+    "default_predictor",
+    "compensate",
+    "default_max_kl",
+    "rescore",
+    "dense_head",
 )
 
 

@@ -205,7 +205,9 @@ def stream_generate(
         done = len(tokens) - len(rest)
         kwargs["prompt_progress_callback"] = lambda n, _: progress(done + n, len(tokens))
     if rescorer is not None:
-        source = _responses(tokenizer, len(rest), rescorer.tokens(rest, max_tokens, kwargs), max_tokens)
+        source = _responses(
+            tokenizer, len(rest), rescorer.tokens(rest, max_tokens, kwargs), max_tokens
+        )
     else:
         source = _mlx_stream_generate(
             model, tokenizer, rest, max_tokens=max_tokens, prompt_cache=cache, **kwargs
@@ -297,7 +299,9 @@ class Rescorer:
             # token) from the pruned model: the dense pass rewrites rest + chunk[:-1] and leaves
             # chunk[-1] to feed, as the prompt's selection does.
             trim_prompt_cache(self.cache, self.cache[0].offset - base)
-            sel = self.model.select(rest + chunk, self.choice.keep, self.predictor, cache=self.cache)
+            sel = self.model.select(
+                rest + chunk, self.choice.keep, self.predictor, cache=self.cache
+            )
             sel.expected_kl, sel.max_kl = self.choice.expected_kl, self.choice.max_kl
             self.count += 1
             self.ms += (time.perf_counter() - tic) * 1e3

@@ -173,10 +173,9 @@ def memory_bench(
     rounds: int = 3,
     predictor: Optional[str] = None,
 ) -> dict:
+    from .bundled import model_path
     from .loading import _resolve, read_ifp_config
     from .store import FileSpec
-
-    from .bundled import model_path
 
     path = _resolve(model_path(folder or None))
     ifp = read_ifp_config(path)["ifp"]

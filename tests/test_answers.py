@@ -47,7 +47,9 @@ def test_sentence_and_f1_by_hand():
     assert A.first_sentence("  no end ") == "no end"
     assert A.first_sentence("Line one\nline two") == "Line one"
     # words a = {the, cat, sat}, b = {the, cat, ran, off}: 2 common, p = 2/3, r = 2/4
-    assert A.token_f1("The cat sat", "the cat ran off") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert A.token_f1("The cat sat", "the cat ran off") == pytest.approx(
+        2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)
+    )
     assert A.token_f1("", "") == 1.0 and A.token_f1("a", "b") == 0.0
 
 
@@ -62,16 +64,34 @@ def test_short_answer_set_and_split():
 
 
 def test_compare_by_hand():
-    d = [A.Answer("Paris.", 2, True, 1.0), A.Answer("Four.", 2, True, 1.0), A.Answer(LOOPING, 9, False, 2.0)]
-    p = [A.Answer("Paris, yes.", 3, True, 1.0), A.Answer(LOOPING, 10, False, 3.0), A.Answer("x", 1, True, 0.5)]
+    d = [
+        A.Answer("Paris.", 2, True, 1.0),
+        A.Answer("Four.", 2, True, 1.0),
+        A.Answer(LOOPING, 9, False, 2.0),
+    ]
+    p = [
+        A.Answer("Paris, yes.", 3, True, 1.0),
+        A.Answer(LOOPING, 10, False, 3.0),
+        A.Answer("x", 1, True, 0.5),
+    ]
     m = A.compare(d, p, [[["Paris"]], [["four", "4"]], [["nothing"]]])
     assert m.ends == 0.5  # dense ended two; pruned ended one of those
-    assert m.right == 0.5 and m.accuracy == pytest.approx(1 / 3) and m.dense_accuracy == pytest.approx(2 / 3)
+    assert (
+        m.right == 0.5
+        and m.accuracy == pytest.approx(1 / 3)
+        and m.dense_accuracy == pytest.approx(2 / 3)
+    )
     assert m.loops == pytest.approx(1 / 3) and m.dense_loops == pytest.approx(1 / 3)
     assert m.length_ratio == pytest.approx(14 / 13) and m.time_ratio == pytest.approx(4.5 / 4.0)
     assert m.first_sentence == 0.0
     same = A.compare(d, d, [[["Paris"]], [["four"]], [["x"]]])
-    assert (same.ends, same.right, same.length_ratio, same.first_sentence, same.f1) == (1, 1, 1, 1, 1)
+    assert (same.ends, same.right, same.length_ratio, same.first_sentence, same.f1) == (
+        1,
+        1,
+        1,
+        1,
+        1,
+    )
     with pytest.raises(IFPError):
         A.compare(d, p[:2])
 
@@ -88,7 +108,11 @@ def test_a_pruned_model_equal_to_dense_scores_full_marks(tiny):
     prompts = ["w7 w8 w9", "w20 w21", "w30 w31 w32 w33"]
     whole = [1.0] * len(model.ffn_units)  # a per-layer budget that keeps everything
     res = A.run_settings(model, tok, prompts, {"dense": {"keep": 1.0}, "all": {"keep": whole}}, 12)
-    m = A.compare(res["dense"], res["all"], [[[a.text.split()[0]]] if a.text else [["w3"]] for a in res["dense"]])
+    m = A.compare(
+        res["dense"],
+        res["all"],
+        [[[a.text.split()[0]]] if a.text else [["w3"]] for a in res["dense"]],
+    )
     assert [a.text for a in res["all"]] == [a.text for a in res["dense"]]
     assert (m.ends, m.right, m.length_ratio, m.first_sentence, m.f1, m.keep) == (1, 1, 1, 1, 1, 1)
 
@@ -106,7 +130,9 @@ def test_a_model_whose_answers_loop_is_counted_as_looping(tmp_path):
         head[nxt, axis] = 1.0
     model.model.embed_tokens.weight = mx.array(emb)
     model.lm_head.weight = mx.array(head)
-    res = A.run_settings(model, tok, ["w7 w8", "w40"], {"dense": {"keep": 1.0}, "half": {"keep": 0.5}}, 16)
+    res = A.run_settings(
+        model, tok, ["w7 w8", "w40"], {"dense": {"keep": 1.0}, "half": {"keep": 0.5}}, 16
+    )
     assert res["dense"][0].text.split()[:4] == ["w11", "w12", "w10", "w11"]
     m = A.compare(res["dense"], res["half"])
     assert m.loops == 1.0 and m.dense_loops == 1.0 and m.ends == 1.0  # dense ended none
@@ -120,9 +146,18 @@ def test_rescoring_equals_a_selection_over_prompt_and_answer(tiny):
     model, tok = tiny
     prompt = prompt_tokens(tok, "w7 w8 w9 w10 w11")
     n, keep = 4, 0.5
-    rs = list(ifp_mlx.stream_generate(model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n, rescore=n))
+    rs = list(
+        ifp_mlx.stream_generate(
+            model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n, rescore=n
+        )
+    )
     got = [r.token for r in rs]
-    plain = [r.token for r in ifp_mlx.stream_generate(model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n)]
+    plain = [
+        r.token
+        for r in ifp_mlx.stream_generate(
+            model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n
+        )
+    ]
     assert got[:n] == plain[:n]
     cache = make_prompt_cache(model)
     sel = model.select(prompt + got[:n], keep, ActivationPredictor(), cache=cache)
@@ -133,9 +168,20 @@ def test_rescoring_equals_a_selection_over_prompt_and_answer(tiny):
         np.testing.assert_allclose(np.array(r.logprobs), np.array(logprobs), atol=1e-4)
     # ... and not what the prompt's selection alone, or pruned KV entries, would give
     model.select(prompt, keep, ActivationPredictor(), cache=make_prompt_cache(model))
-    stale = list(ifp_mlx.stream_generate(model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n))
-    assert max(float(mx.abs(a.logprobs - b.logprobs).max()) for a, b in zip(stale[n:], rs[n:])) > 1e-2
-    last = [r for r in ifp_mlx.stream_generate(model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n + 1, rescore=n)][-1]
+    stale = list(
+        ifp_mlx.stream_generate(
+            model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n
+        )
+    )
+    assert (
+        max(float(mx.abs(a.logprobs - b.logprobs).max()) for a, b in zip(stale[n:], rs[n:])) > 1e-2
+    )
+    last = [
+        r
+        for r in ifp_mlx.stream_generate(
+            model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * n + 1, rescore=n
+        )
+    ][-1]
     assert last.ifp.rescores == 2 and last.generation_tokens == 2 * n + 1
     with pytest.raises(IFPError):
         next(ifp_mlx.stream_generate(model, tok, prompt, keep=keep, rescore=-1))
@@ -143,7 +189,11 @@ def test_rescoring_equals_a_selection_over_prompt_and_answer(tiny):
 
 def test_rescoring_text_matches_its_tokens(tiny):
     model, tok = tiny
-    rs = list(ifp_mlx.stream_generate(model, tok, "w7 w8", keep=0.5, predictor="activation", max_tokens=9, rescore=3))
+    rs = list(
+        ifp_mlx.stream_generate(
+            model, tok, "w7 w8", keep=0.5, predictor="activation", max_tokens=9, rescore=3
+        )
+    )
     assert "".join(r.text for r in rs) == tok.decode([r.token for r in rs])
     assert rs[-1].finish_reason == "length" and all(r.finish_reason is None for r in rs[:-1])
 
@@ -183,13 +233,23 @@ def test_folder_rescore_setting_and_auto_store(tmp_path, capsys):
     assert (flash.ffn_store, memory.ffn_store) == ("flash", "memory")
     runs = {}
     for name, model in (("flash", flash), ("memory", memory)):
-        rs = list(ifp_mlx.stream_generate(model, tok, "w7 w8 w9", keep=0.5, predictor="activation", max_tokens=7))
+        rs = list(
+            ifp_mlx.stream_generate(
+                model, tok, "w7 w8 w9", keep=0.5, predictor="activation", max_tokens=7
+            )
+        )
         assert rs[-1].ifp.rescores == 2  # the folder's default: after tokens 3 and 6
         runs[name] = [r.token for r in rs]
     assert runs["flash"] == runs["memory"]  # the same units read from the file
-    off = list(ifp_mlx.stream_generate(memory, tok, "w7 w8 w9", keep=0.5, predictor="activation", max_tokens=7, rescore=0))
+    off = list(
+        ifp_mlx.stream_generate(
+            memory, tok, "w7 w8 w9", keep=0.5, predictor="activation", max_tokens=7, rescore=0
+        )
+    )
     assert off[-1].ifp.rescores == 0
-    generate.main(["--model", str(folder), "--prompt", "w7 w8", "--keep", "0.5", "--max-tokens", "3"])
+    generate.main(
+        ["--model", str(folder), "--prompt", "w7 w8", "--keep", "0.5", "--max-tokens", "3"]
+    )
     assert "store flash" in capsys.readouterr().err  # the CLIs' default store (stats on stderr)
     set_ifp_entries(folder, rescore=-1)
     with pytest.raises(IFPError, match="rescore"):
@@ -214,7 +274,9 @@ def test_end_probability_is_read_where_dense_ends(tiny):
     assert end_probability(dense, [ended, free[0]], 1.0) == pytest.approx(p, rel=1e-5)
     pruned = Method("ifp-activation", model, lambda: [])
     q = float(mx.softmax(answer_logits(pruned, prompt, ended.answer, 0.3)[-1])[first])
-    assert end_probability(pruned, [ended], 0.3) == pytest.approx(q, rel=1e-5) and q != pytest.approx(p)
+    assert end_probability(pruned, [ended], 0.3) == pytest.approx(
+        q, rel=1e-5
+    ) and q != pytest.approx(p)
     assert end_probability(dense, [free[0]], 1.0) is None
     assert isinstance(ended, FidelityCase)
 
@@ -229,7 +291,18 @@ def test_dense_head_then_a_selection_over_prompt_and_head(tiny, tmp_path, store)
         model, tok = ifp_mlx.load(tmp_path / "m", ffn_store="flash")
     prompt = prompt_tokens(tok, "w7 w8 w9 w10 w11")
     h, keep = 3, 0.5
-    rs = list(ifp_mlx.stream_generate(model, tok, prompt, keep=keep, predictor="activation", max_tokens=2 * h, dense_head=h, rescore=0))
+    rs = list(
+        ifp_mlx.stream_generate(
+            model,
+            tok,
+            prompt,
+            keep=keep,
+            predictor="activation",
+            max_tokens=2 * h,
+            dense_head=h,
+            rescore=0,
+        )
+    )
     got = [r.token for r in rs]
     dense = [r.token for r in ifp_mlx.stream_generate(model, tok, prompt, keep=1.0, max_tokens=h)]
     assert got[:h] == dense

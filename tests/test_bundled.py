@@ -74,5 +74,7 @@ def test_a_typo_names_the_bundled_models(capsys):
     from ifp_mlx.apps import generate
     from tests.helpers import cli_error
 
-    err = cli_error(generate.main, ["--model", "qwen2.5-coder", "--prompt", "hi"], capsys, "ifp-generate")
+    err = cli_error(
+        generate.main, ["--model", "qwen2.5-coder", "--prompt", "hi"], capsys, "ifp-generate"
+    )
     assert "qwen2.5-coder-0.5b" in err and "smollm2-135m" in err

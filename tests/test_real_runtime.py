@@ -132,19 +132,29 @@ def test_bundled_cache_from_an_older_format_is_reconverted(smol_q4, tmp_path, mo
 
 
 @pytest.mark.real
-def test_the_default_names_paris_pruned(smol_default):
-    """The bundled default, no options: 8-bit, activation predictor with compensation, first 4
-    and last 4 FFN layers whole, keep auto for the shipped quality target (README, "Choosing
-    the default"). It prunes (mean keep ≤ 0.7) and still answers the canonical question."""
-    from ifp_mlx.calibrate import curve_of
+@pytest.mark.parametrize(
+    "question, need",
+    [("What is the capital of France?", [["Paris"]]),
+     ("Name three primary colors.", [["red"], ["blue"], ["yellow"]])],
+)  # fmt: skip
+def test_the_default_answers_and_ends_like_dense(smol_default, question, need, capsys):
+    """No flags, as a user runs it: ``ifp-generate --prompt ...`` on the bundled default (8-bit,
+    the flash store, the shipped settings: README, "Answers as a user reads them"). It prunes,
+    gets the answer right and ends on its own within 2x the dense answer's tokens."""
+    from ifp_mlx.apps import generate
+    from ifp_mlx.eval.answers import is_right
 
     model, tok = ifp_mlx.load(smol_default)
-    text = ifp_mlx.generate(model, tok, "What is the capital of France?", max_tokens=24)
-    sel = model.selection
-    assert "Paris" in text, text
-    assert sel.keep <= 0.7 and sel.predictor == "activation" and sel.compensated
-    assert sel.kept[:4] == sel.units[:4] and sel.kept[-4:] == sel.units[-4:]
-    assert sel.max_kl == 0.75 and sel.expected_kl == pytest.approx(0.75, abs=1e-6)
-    assert curve_of(model, "activation").split == "calib"
-    model.dense()
-    assert "Paris" in ifp_mlx.generate(model, tok, "What is the capital of France?", 1.0)
+    dense = list(ifp_mlx.stream_generate(model, tok, question, keep=1.0, max_tokens=128))
+    assert dense[-1].finish_reason == "stop" and is_right("".join(r.text for r in dense), need)
+    generate.main(["--model", str(smol_default), "--prompt", question, "--max-tokens", "128"])
+    out = capsys.readouterr()
+    assert is_right(out.out, need), out.out
+    stats = out.err.strip().splitlines()[-1]
+    assert "store flash" in stats and "activation" in stats and "kept 100%" not in stats, stats
+    model, tok = ifp_mlx.load(smol_default, ffn_store="auto")  # the same, with the token count
+    rs = list(ifp_mlx.stream_generate(model, tok, question, max_tokens=128))
+    assert "".join(r.text for r in rs).strip() == out.out.strip()
+    assert rs[-1].finish_reason == "stop", out.out
+    assert rs[-1].generation_tokens <= 2 * dense[-1].generation_tokens
+    assert rs[-1].ifp.keep < 0.95 and rs[-1].ifp.store == "flash"

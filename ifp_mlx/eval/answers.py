@@ -125,7 +125,9 @@ def answer(model, tokenizer, prompt, max_tokens: int, **kw) -> Answer:
     seconds = time.perf_counter() - tic
     if last is None:
         return Answer("", 0, False, seconds)
-    return Answer(text, last.generation_tokens, last.finish_reason == "stop", seconds, last.ifp.keep)
+    return Answer(
+        text, last.generation_tokens, last.finish_reason == "stop", seconds, last.ifp.keep
+    )
 
 
 @dataclass
@@ -163,7 +165,9 @@ def compare(
     m.dense_loops = sum(loops(d.text) for d in dense) / n
     m.length_ratio = sum(p.tokens for p in pruned) / max(1, sum(d.tokens for d in dense))
     m.time_ratio = sum(p.seconds for p in pruned) / max(1e-9, sum(d.seconds for d in dense))
-    m.first_sentence = sum(first_sentence(p.text) == first_sentence(d.text) for d, p in zip(dense, pruned)) / n
+    m.first_sentence = (
+        sum(first_sentence(p.text) == first_sentence(d.text) for d, p in zip(dense, pruned)) / n
+    )
     m.f1 = sum(token_f1(p.text, d.text) for d, p in zip(dense, pruned)) / n
     m.keep = sum(p.keep for p in pruned) / n
     if needs is not None:

@@ -76,7 +76,9 @@ class ActivationPredictor:
         prefilled = 0 if own else len(body)
         n = len(body)
         if self.accumulate:
-            self._sums, self._outs = _add(self._sums, sums), _add(self._outs, outs) if comp else None
+            self._sums, self._outs = _add(self._sums, sums), (
+                _add(self._outs, outs) if comp else None
+            )
             self._count += n
             sums, outs, n = self._sums, self._outs, self._count
         if not comp:
