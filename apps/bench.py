@@ -55,6 +55,8 @@ def main(argv=None) -> None:
     an.add_argument("--max-kl", type=float, help="quality target for keep 'auto'")
     an.add_argument("--rescore", type=int, nargs="+", default=[None],
                     help="reselect every N answer tokens (0 = off; default: the folder's)")  # fmt: skip
+    an.add_argument("--dense-head", type=int, help="dense answer tokens before selecting (0 = "
+                    "select from the prompt; default: the folder's)")  # fmt: skip
     an.add_argument("--predictor", help="default: the folder's")
     an.add_argument("--split", default="test", choices=("test", "calib"),
                     help="half of the short-answer set (test: reported; calib: for choosing)")  # fmt: skip
@@ -248,8 +250,8 @@ def run_answers(args) -> None:
     for k in args.keep:
         if isinstance(k, float):
             check_keep(k)
-    if any(r is not None and r < 0 for r in args.rescore):
-        raise IFPError("--rescore must be ≥ 0")
+    if any(r is not None and r < 0 for r in args.rescore) or (args.dense_head or 0) < 0:
+        raise IFPError("--rescore and --dense-head must be ≥ 0")
     settings = {}
     for k in args.keep:
         for r in args.rescore:
@@ -260,6 +262,8 @@ def run_answers(args) -> None:
                 kw["predictor"] = args.predictor
             if r is not None:
                 kw["rescore"] = r
+            if args.dense_head is not None:
+                kw["dense_head"] = args.dense_head
             name = "default" if k == "default" else f"keep {k}"
             settings[name + ("" if r is None else f", rescore {r}")] = kw
     model, tokenizer = load(args.model, ffn_store=args.ffn_store)

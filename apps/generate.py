@@ -21,6 +21,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="ifp-generate", description="Answer one prompt, pruned.")
     p.add_argument("--prompt", required=True, help="the user message ('-' reads stdin)")
     add_model_flags(p)
+    p.add_argument("--rescore", type=int, default=None, metavar="N",
+                   help="reselect every N answer tokens from prompt + answer so far (activation "
+                   "predictor; 0 = off; default: the folder's)")  # fmt: skip
+    p.add_argument("--dense-head", type=int, default=None, metavar="H",
+                   help="write the first H answer tokens dense, then select from prompt + them "
+                   "(activation predictor; 0 = off; default: the folder's)")  # fmt: skip
     args = p.parse_args(argv)
     with cli_errors("ifp-generate"):
         check_flags(args)
@@ -41,6 +47,8 @@ def main(argv=None) -> None:
                 predictor=args.predictor,
                 max_kl=args.max_kl,
                 max_tokens=args.max_tokens,
+                rescore=args.rescore,
+                dense_head=args.dense_head,
                 sampler=sampler_from(args),
                 progress=bar,
             ):

@@ -107,6 +107,8 @@ class IFPStats:
             store += ", every unit in memory (dense)"
         if self.store != "memory" and (self.read_bytes or self.predictor != "dense"):
             store += f", read {self.read_bytes / 2**20:.1f} MB in {self.read_calls} reads"
+        if self.rescores:
+            store += f" | reselected {self.rescores}x ({self.rescore_ms:.0f} ms)"
         return (
             f"[{self.quality()} | {store} | select "
             f"{self.select_ms:.0f} ms | materialize {self.materialize_ms:.0f} ms | prompt "

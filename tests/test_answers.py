@@ -251,6 +251,11 @@ def test_folder_rescore_setting_and_auto_store(tmp_path, capsys):
         ["--model", str(folder), "--prompt", "w7 w8", "--keep", "0.5", "--max-tokens", "3"]
     )
     assert "store flash" in capsys.readouterr().err  # the CLIs' default store (stats on stderr)
+    argv = ["--model", str(folder), "--prompt", "w7 w8", "--keep", "0.5", "--max-tokens", "5"]
+    generate.main(argv + ["--rescore", "2", "--dense-head", "1"])
+    assert "reselected 2x" in capsys.readouterr().err  # after tokens 1 and 3 (5 is the end)
+    with pytest.raises(SystemExit):
+        generate.main(argv + ["--rescore", "-2"])
     set_ifp_entries(folder, rescore=-1)
     with pytest.raises(IFPError, match="rescore"):
         ifp_mlx.load(folder)
