@@ -71,6 +71,7 @@ def run(args) -> None:
 
         curve.answers = calib_answers(model, tokenizer, predictor, args.answers, args.n_answers)
     entries["calibration"] = {**curves(model._ifp_config), predictor: curve.to_dict()}
+    entries["shipped_settings"] = None  # the folder's settings are now the user's own
     if args.default_max_kl is not None:
         entries["default_max_kl"] = args.default_max_kl
     set_ifp_entries(folder, **entries)

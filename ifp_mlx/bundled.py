@@ -213,7 +213,7 @@ def _user_entries(folder: Path):
         return None
     kept = {
         k: ifp[k]
-        for k in ("predictor", "budget", "budget_search", "training") + SETTINGS
+        for k in ("predictor", "budget", "budget_search", "training", "shipped_settings") + SETTINGS
         if k in ifp
     }
     pred = kept.get("predictor") or {}
@@ -237,16 +237,37 @@ SETTINGS = (
 )
 
 
+# Digests of settings shipped before the folder was marked (``_digest``): still ours to update.
+EARLIER_SHIPPED = {"2d3f2a59fb8be7b7"}
+
+
+def _digest(ifp: dict) -> str:
+    import hashlib
+    import json
+
+    ours = {k: ifp[k] for k in SETTINGS if k in ifp}
+    return hashlib.sha256(json.dumps(ours, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def attach_settings(folder: Path, shipped: Path) -> None:
     """Give the converted bundled model the settings measured on it (shipped JSON), unless the
-    folder already has settings of its own (a user's ``ifp-calibrate`` wins)."""
+    folder has settings of its own (a user's ``ifp-calibrate`` wins); settings we shipped
+    before are replaced when the shipped file changes."""
     from .errors import read_json
     from .loading import set_ifp_entries
 
     ifp = read_json(folder / "config.json").get("ifp", {})
-    if not shipped.is_file() or any(k in ifp for k in SETTINGS):
+    if not shipped.is_file():
         return
-    set_ifp_entries(folder, **{k: v for k, v in read_json(shipped).items() if k in SETTINGS})
+    tag = _digest(read_json(shipped))
+    ours = ifp.get("shipped_settings")  # set when the settings came from us, dropped by a user's
+    if ours is None and _digest(ifp) in EARLIER_SHIPPED:  # ifp-calibrate; or earlier, unmarked
+        ours = "earlier"
+    if ours == tag or (ours is None and any(k in ifp for k in SETTINGS)):
+        return
+    entries = {k: None for k in SETTINGS}  # older shipped settings go as a whole
+    entries.update({k: v for k, v in read_json(shipped).items() if k in SETTINGS})
+    set_ifp_entries(folder, shipped_settings=tag, **entries)
 
 
 def attach_predictor(folder: Path) -> None:

@@ -218,7 +218,9 @@ def stream_generate(
         for resp in source:
             if rescorer is not None and rescorer.count != stats.rescores:
                 stats.rescores, stats.rescore_ms = rescorer.count, rescorer.ms
-                stats.keep, stats.predictor = model.selection.keep, model.selection.predictor
+                sel = model.selection
+                stats.keep, stats.predictor = sel.keep, sel.predictor
+                stats.expected_kl, stats.max_kl = sel.expected_kl, sel.max_kl
             if resp.generation_tokens == 1 or stats.ttft_ms == 0.0:
                 rest_ms = len(rest) / resp.prompt_tps * 1e3 if resp.prompt_tps else 0.0
                 stats.ttft_ms = ttft_start * 1e3 + rest_ms
