@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     an = sub.add_parser("answers", help="free-running answers vs dense: right, ends, loops, "
                         "length and time to a complete answer, in one run")  # fmt: skip
     an.add_argument("--model", help=MODEL_HELP)
-    an.add_argument("--keep", type=keep_arg, nargs="+", default=["default"],
+    an.add_argument("--keep", type=lambda t: t if t == "default" else keep_arg(t), nargs="+",
+                    default=["default"],
                     help="settings to compare with dense: 'default' (the folder's: no flags), "
                     "'auto', a fraction or a per-layer list (default: default)")  # fmt: skip
     an.add_argument("--max-kl", type=float, help="quality target for keep 'auto'")

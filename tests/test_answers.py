@@ -204,12 +204,12 @@ def test_bench_answers_cli(tiny_q4, tmp_path, capsys):
     from ifp_mlx.apps import bench
 
     out = tmp_path / "a.json"
-    argv = ["answers", "--model", str(tiny_q4), "--keep", "1", "0.5", "--rescore", "0", "3",
+    argv = ["answers", "--model", str(tiny_q4), "--keep", "1", "0.5", "default", "--rescore", "0", "3",
             "--n", "3", "--max-tokens", "6", "--json", str(out)]  # fmt: skip
     bench.main(argv)
     r = json.loads(out.read_text())
     assert set(r["rows"]) == {"keep 1.0, rescore 0", "keep 1.0, rescore 3", "keep 0.5, rescore 0",
-                              "keep 0.5, rescore 3"}  # fmt: skip
+                              "keep 0.5, rescore 3", "default, rescore 0", "default, rescore 3"}  # fmt: skip
     same = r["rows"]["keep 1.0, rescore 0"]  # dense against itself: full marks
     assert (same["right"], same["ends"], same["length_ratio"], same["f1"]) == (1, 1, 1, 1)
     assert r["questions"] == 3 and str(tmp_path) not in out.read_text()
