@@ -1,5 +1,6 @@
 """Multi-turn conversations (policies, cache reuse) and the ifp-chat / ifp-generate CLIs."""
 
+import signal
 import subprocess
 import sys
 
@@ -241,6 +242,9 @@ def test_chat_ctrl_c_stops_answer_not_program(tiny_folder):
         ["-m", "ifp_mlx.apps.chat", "--model", str(tiny_folder), "--max-tokens", "100000"],
         encoding="utf-8",
         timeout=120,
+        # a child inherits an ignored SIGINT (and Python then never raises KeyboardInterrupt):
+        # start it with the default disposition, as a terminal does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     child.expect(">> ")
     child.sendline("w4 w5 w6")
