@@ -157,7 +157,7 @@ def answers_bench(
     """Free-running greedy answers to the short-answer set, every setting against the same
     model dense, alternating per question in one run: right / ends / loops / length and the
     time to a complete answer (``ifp_mlx.eval.answers``)."""
-    from .eval.answers import compare, run_settings, short_answers, to_dict
+    from .eval.answers import compare, is_right, run_settings, short_answers, to_dict
 
     qs = short_answers(split)[:n] if n else short_answers(split)
     if not qs:
@@ -180,7 +180,7 @@ def answers_bench(
         "max_tokens": max_tokens,
         "store": model.ffn_store,
         "dense": {
-            "accuracy": sum(is_right_of(a.text, q.need) for a, q in zip(dense, qs)) / len(qs),
+            "accuracy": sum(is_right(a.text, q.need) for a, q in zip(dense, qs)) / len(qs),
             "ended": sum(a.ended for a in dense) / len(qs),
             "tokens": sum(a.tokens for a in dense),
             "seconds": sum(a.seconds for a in dense),
@@ -188,9 +188,3 @@ def answers_bench(
         "rows": rows,
         "examples": {name: [a.text for a in runs[name][:3]] for name in ["dense", *settings]},
     }
-
-
-def is_right_of(text: str, need) -> bool:
-    from .eval.answers import is_right
-
-    return is_right(text, need)
