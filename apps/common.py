@@ -136,12 +136,9 @@ def model_name(folder) -> str:
 
 
 def sampler_from(args):
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
+    from ..generate import make_sampler
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    return make_sampler(temp=args.temp, top_p=args.top_p)
+    return make_sampler(args.temp, args.top_p, args.seed)
 
 
 def read_text_streams() -> None:

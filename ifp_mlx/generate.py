@@ -59,6 +59,24 @@ def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
     return tokenizer.encode("\n".join(m["content"] for m in messages))
 
 
+# Below these, temperature / top_p sampling overflows float32 (1/T = inf, p rounds to 0) and
+# returns noise; their limit (greedy, only the top token) is what the caller means.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None):
+    """mlx-lm's sampler for (temp, top_p), taking the greedy limit for tiny values; ``seed``
+    (0 .. 2**64 - 1) seeds MLX's generator first."""
+    from mlx_lm.sample_utils import make_sampler as mlx_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    if temp < MIN_TEMPERATURE or top_p < MIN_TOP_P:
+        temp = 0.0
+    return mlx_sampler(temp=temp, top_p=top_p)
+
+
 def context_length(model: nn.Module) -> Optional[int]:
     args = getattr(model, "args", None)
     for name in ("max_position_embeddings", "max_seq_len", "context_length"):

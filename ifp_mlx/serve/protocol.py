@@ -1,0 +1,260 @@
+"""The OpenAI protocol of ifp-serve: the server's settings, request validation (every field
+checked before use: a bad request is a 4xx with an OpenAI-style error body, never a 500) and
+the response and chunk bodies."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+from ..errors import IFPError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ServeConfig:
+    model: Optional[str] = None  # folder (None: the bundled model)
+    keep: Any = None  # the server's default budget (None: the folder's default)
+    predictor: Optional[str] = None
+    policy: str = "first-turn"
+    ffn_store: str = "auto"  # flash where the folder has a unit file
+    api_key: Optional[str] = None
+    max_queue: int = 8  # requests waiting behind the running one
+    max_body_mb: float = 1.0
+    max_tokens: int = 512  # when a request gives none
+    distributed: bool = False  # one rank of an mlx.launch job (rank 0 serves HTTP)
+    shard_policy: str = "global"
+    host: str = "127.0.0.1"  # the bound address: a name a request may use besides loopback's
+    allowed_hosts: List[str] = field(default_factory=list)  # more Host names (DNS rebinding)
+    allowed_origins: List[str] = field(default_factory=list)  # browser origins let in (CORS)
+    max_connections: int = 64  # open connections; more are closed at once
+    header_timeout: float = 10.0  # seconds for a connection to send its request headers
+    body_timeout: float = 30.0  # seconds for a request body to arrive
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+
+
+class BadRequest(Exception):
+    """A 4xx: an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 code: Optional[str] = None, kind: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = (
+            message, param, status, code, kind)  # fmt: skip
+
+    def body(self) -> dict:
+        err = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return {"error": err}
+
+
+# ---------------------------------------------------------------- request validation
+
+
+def _number(body: dict, name: str, lo: float, hi: float, default, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise BadRequest(f"'{name}' must be a number", name)
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        bracket = "(" if lo_open else "["
+        raise BadRequest(f"'{name}' must be in {bracket}{lo}, {hi}], not {v}", name)
+    return v
+
+
+def _integer(body: dict, name: str, lo: int, default, hi: Optional[int] = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        within = f"in {lo}..{hi}" if hi is not None else f"≥ {lo}"
+        raise BadRequest(f"'{name}' must be an integer {within}", name)
+    return v
+
+
+# OpenAI fields this server does not implement: refused (400 "unsupported") unless they carry
+# their no-op value, so a client never believes it got logprobs, a tool call or JSON it did not.
+UNSUPPORTED = {
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (False, True),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+}
+MAX_DEPTH = 32  # JSON nesting a request may have (the deepest real one is ~5)
+# The smallest temperature / top_p that sampling computes without overflow; below, the limit
+# (greedy / the top token) is what the caller asked for and what they get.
+MIN_TEMPERATURE = 1e-4
+
+
+def _unsupported(body: dict) -> None:
+    for name, noop in UNSUPPORTED.items():
+        v = body.get(name)
+        if v is None or any(type(v) is type(n) and v == n for n in noop):
+            continue
+        raise BadRequest(f"'{name}' is not supported by this server", name, code="unsupported")
+
+
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """A 400 for JSON nested deeper than ``limit`` (walked without recursion)."""
+    stack: List[Tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                raise BadRequest(f"the body is nested deeper than {limit} levels")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+
+
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    if isinstance(c, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):  # fmt: skip
+            raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
+        return "".join(p["text"] for p in c)
+    if not isinstance(c, str):
+        raise BadRequest(f"messages[{i}].content must be a string", "messages")
+    return c
+
+
+@dataclass
+class Request:
+    """One validated completion request."""
+
+    chat: bool
+    prompt: Any  # messages (chat) or a string / token ids (completions)
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    keep: Any = None
+    predictor: Optional[str] = None
+    policy: str = "first-turn"
+    max_tokens_given: bool = True  # False: the server's default, cut to the context left
+
+
+def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
+                  context: Optional[int] = None) -> Request:  # fmt: skip
+    """A validated request; ``context``: the model's context length (bounds max_tokens)."""
+    from ..chat import POLICIES
+    from ..predictors import available
+    from ..selection import check_keep
+
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string", "model")
+    if model not in (None, model_id):
+        raise BadRequest(f"model {model!r} is not served here (this server has {model_id!r})",
+                         "model", status=404, code="model_not_found")  # fmt: skip
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list", "messages")
+        prompt = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise BadRequest(f"messages[{i}] needs a role in {', '.join(ROLES)}", "messages")
+            prompt.append({"role": m["role"], "content": _content(m, i)})
+        if not any(m["content"].strip() for m in prompt):
+            raise BadRequest("the messages are empty", "messages")
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        ids = isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)  # fmt: skip
+        if not ids and not (isinstance(prompt, str) and prompt.strip()):
+            raise BadRequest("'prompt' must be a non-empty string or list of token ids", "prompt")
+    n = body.get("n", 1)
+    if type(n) is not int or n != 1:
+        raise BadRequest("only n = 1 is supported", "n")
+    _unsupported(body)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    given = max_tokens is not None
+    max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", 1, cfg.max_tokens, context)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):  # fmt: skip
+        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("'stream_options' must be {\"include_usage\": bool}", "stream_options")
+    keep = body.get("keep", cfg.keep)
+    try:
+        if keep is not None and keep != "auto":
+            for k in keep if isinstance(keep, list) else [keep]:
+                if isinstance(k, bool) or not isinstance(k, (int, float)):
+                    raise IFPError("keep must be a number in (0, 1], a list of them or 'auto'")
+                check_keep(k)
+    except IFPError as e:
+        raise BadRequest(str(e), "keep")
+    predictor = body.get("predictor", cfg.predictor)
+    if predictor is not None and predictor not in available():
+        raise BadRequest(f"unknown predictor {predictor!r} (have: {', '.join(available())})",
+                         "predictor")  # fmt: skip
+    policy = body.get("policy", cfg.policy)
+    if policy not in POLICIES:
+        raise BadRequest(f"'policy' must be one of {', '.join(POLICIES)}", "policy")
+    return Request(
+        chat, prompt, max_tokens,
+        temperature=_number(body, "temperature", 0, 2, 0.0),
+        top_p=_number(body, "top_p", 0, 1, 1.0, lo_open=True),
+        seed=_integer(body, "seed", 0, None, 2**64 - 1),
+        max_tokens_given=given,
+        stop=stop, stream=stream, include_usage=options.get("include_usage", False),
+        keep=keep, predictor=predictor, policy=policy,
+    )  # fmt: skip
+
+
+class _Shape:
+    """OpenAI response and chunk bodies for one request."""
+
+    def __init__(self, rid: str, model: str, chat: bool):
+        self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(start: dict, done: dict) -> dict:
+        p, c = start["prompt_tokens"], done["completion_tokens"]
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def full(self, text: str, done: dict, start: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": done["finish_reason"], "logprobs": None}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"],
+                      "logprobs": None}  # fmt: skip
+        body = self._base("chat.completion" if self.chat else "text_completion")
+        return {**body, "choices": [choice], "usage": self.usage(start, done), "ifp": done["ifp"]}
+
+    def chunk(self, text: Optional[str], finish: Optional[str], first=False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text or ""} if first else (
+                {"content": text} if text else {})  # fmt: skip
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {**self._base("text_completion"), "choices": [choice]}
