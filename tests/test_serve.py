@@ -12,58 +12,8 @@ import pytest
 
 from ifp_mlx.convert import convert
 from tests.helpers import make_tiny_hf
-
-KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, folder, *flags):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ifp_mlx.apps.serve", "--model", str(folder),
-             "--port", str(self.port), *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("the server did not start")
-
-    def request(self, method, path, body=None, headers=None, key=KEY, raw=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        h = {"Content-Type": "application/json", **(headers or {})}
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        conn.request(method, path, body=data, headers=h)
-        res = conn.getresponse()
-        out = res.read()
-        conn.close()
-        return res.status, json.loads(out) if out else None, dict(res.getheaders())
-
-    def client(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=KEY, max_retries=0)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+from tests.serving import KEY, Server
+from tests.serving import error as _error
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +98,6 @@ def test_dense_requests_match_ifp_generate(server, folder):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert r.choices[0].message.content == res.stdout.rstrip("\n")
-
-
-def _error(server, status, method="POST", path="/v1/chat/completions", **kw):
-    got, body, headers = server.request(method, path, **kw)
-    assert got == status, (got, body)
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"], headers
 
 
 @pytest.mark.parametrize(

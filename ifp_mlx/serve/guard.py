@@ -111,21 +111,31 @@ async def _send(send, status: int, body: bytes, headers: list) -> None:
 
 
 def guarded_protocol(max_connections: int, header_timeout: float):
-    """uvicorn's h11 protocol, plus what it lacks: a connection past ``max_connections`` is
-    closed at once, and one that has not sent a whole request head within ``header_timeout``
-    seconds (of opening, or of its last answer) is closed."""
+    """uvicorn's h11 protocol, plus what it lacks: past ``max_connections`` open connections,
+    the oldest one that has not sent a request is closed (so idle sockets cannot lock the
+    users out; if every one is busy, the newcomer is), and a connection that has not sent a
+    whole request head within ``header_timeout`` seconds (of opening, or of its last answer)
+    is closed."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11(H11Protocol):
         _timer = None
+        _opened = 0.0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self._opened = self.loop.time()
             if len(self.connections) > max_connections:
-                transport.close()
-                return
+                idle = [c for c in self.connections if c is not self and c._idle()]
+                victim = min(idle, key=lambda c: c._opened) if idle else self
+                victim.transport.close()
+                if victim is self:
+                    return
             self._arm()
+
+        def _idle(self) -> bool:
+            return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
 
         def _arm(self) -> None:
             if self._timer is not None:
@@ -133,7 +143,7 @@ def guarded_protocol(max_connections: int, header_timeout: float):
             self._timer = self.loop.call_later(header_timeout, self._no_request)
 
         def _no_request(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._idle():
                 self.transport.close()
 
         def on_response_complete(self) -> None:
