@@ -22,6 +22,7 @@ from mlx_lm.utils import (
 from tqdm import tqdm
 
 from ..errors import IFPError, looks_like_repo_id, read_json
+from ..paths import check_file
 from ..model import FORMAT_VERSION, find_ffns, to_unit_major
 from ..store import write_model_files
 from .config import fix_config
@@ -77,7 +78,7 @@ def read_source(
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
-            return read_gguf(ggufs[0], bar)
+            return read_gguf(check_file(path, ggufs[0], "GGUF file"), bar)
         return read_folder(path, bar)
     if path.is_file():
         if path.suffix == ".gguf":
@@ -104,7 +105,7 @@ def source_parameters(source: Union[str, Path]) -> int:
             else:
                 return sum(_file_parameters(f) for f in _weight_files(path))
         return _file_parameters(path) if path.is_file() else 0
-    except (IFPError, OSError, ValueError, KeyError):
+    except (IFPError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return 0  # the reader reports what is wrong with the source
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 
 from ..errors import IFPError, read_json
+from ..paths import check_file, check_files, inside
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 TOKENIZER_FILES = (
@@ -108,27 +109,31 @@ def load_weight_file(path: Path) -> Dict[str, mx.array]:
 
 
 def _weight_files(folder: Path) -> List[Path]:
-    """Weight files of an HF folder, preferring safetensors, honouring shard indexes."""
+    """Weight files of an HF folder, preferring safetensors, honouring shard indexes; every
+    file inside the folder and a regular file (``ifp_mlx.paths``)."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise IFPError(f"garbled shard index {index}: {e}")
-            missing = [s for s in shards if not (folder / s).is_file()]
+                names = json.loads(index.read_text())["weight_map"].values()
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:  # fmt: skip
+                raise IFPError(f"garbled shard index {index}: {type(e).__name__} {e}")
+            if not all(isinstance(n, str) for n in names):
+                raise IFPError(f"garbled shard index {index}: a weight_map value is not a file name")  # fmt: skip
+            shards = [inside(folder, n, "shard") for n in sorted(set(names))]
+            missing = [s.name for s in shards if not s.is_file()]
             if missing:
                 raise IFPError(f"{index} lists missing shard {missing[0]}")
-            return [folder / s for s in shards]
+            return shards
     for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
-        if (folder / name).is_file():
-            return [folder / name]
+        if (folder / name).exists():
+            return [check_file(folder, folder / name, "weight file")]
     singles = sorted(folder.glob("*.safetensors")) or sorted(
         p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES
     )
     if not singles:
         raise IFPError(f"no weights in {folder} (expected *.safetensors or pytorch_model.bin)")
-    return singles
+    return check_files(folder, singles)
 
 
 def read_folder(folder: Path, progress: Callable = iter) -> Checkpoint:
@@ -205,7 +210,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> List[str]:
 
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
+        if (src / name).exists() and check_file(src, src / name, "tokenizer file").is_file():
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from .errors import IFPError
+from .paths import inside
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,8 @@ def _user_entries(folder: Path):
     }
     pred = kept.get("predictor") or {}
     files = [pred.get("file")] if isinstance(pred.get("file"), str) else []
-    kept["_files"] = {f: (folder / f).read_bytes() for f in files if (folder / f).is_file()}
+    kept["_files"] = {f: (folder / f).read_bytes() for f in files
+                      if inside(folder, f, "predictor file").is_file()}  # fmt: skip
     if pred and not kept["_files"]:
         kept.pop("predictor")
     return kept

@@ -10,6 +10,7 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .errors import IFPError, looks_like_repo_id, read_json, write_json
 from .model import FORMAT_VERSION, exact_embed_scale, find_ffns, to_unit_major
+from .paths import check_file, check_files
 from .selection import IFPMixin
 from .store import (
     FileSpec,
@@ -147,6 +148,9 @@ def load(
             f"{path} was converted before the FFN unit file existed; reconvert it "
             "(ifp-convert SOURCE OUT) to shard it over ranks"
         )
+    check_files(path, path.glob("*.safetensors"))  # nothing outside the folder, no FIFOs
+    if spec is not None:
+        check_file(path, path / spec.file, "FFN unit file")
     units = UnitFile(path, spec) if spec is not None else None  # validated before the load
     group = None
     if distributed:

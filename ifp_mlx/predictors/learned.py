@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import IFPError
+from ..paths import inside
 from . import Scores, register
 
 WEIGHTS = "predictor.safetensors"
@@ -142,7 +143,7 @@ def load_head(folder: Path, entry: dict) -> PredictorHead:
         head = PredictorHead(cfg)
     except (TypeError, ValueError, AttributeError) as e:
         raise IFPError(f"{folder}: the ifp.predictor entry is damaged ({str(e)[:120]})")
-    path = Path(folder) / entry.get("file", WEIGHTS)
+    path = inside(Path(folder), entry.get("file", WEIGHTS), "predictor file")
     if not path.is_file():
         raise IFPError(f"{folder}: the learned predictor's weights {path.name} are missing")
     try:
