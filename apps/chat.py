@@ -10,6 +10,7 @@ from .common import (
     check_flags,
     keep_arg,
     load_model,
+    printable,
     rank,
     read_text_streams,
     sampler_from,
@@ -136,7 +137,7 @@ def _loop(conv, args, sampler) -> None:
                     line, max_tokens=args.max_tokens, sampler=sampler, progress=bar
                 ):
                     bar.close()
-                    print(resp.text, end="", flush=True)
+                    print(printable(resp.text), end="", flush=True)
                 print()
             except KeyboardInterrupt:
                 print(_dim(" [stopped]"))

@@ -141,6 +141,29 @@ def sampler_from(args):
     return make_sampler(args.temp, args.top_p, args.seed)
 
 
+# A terminal obeys escape sequences in what it prints: a model (or a hostile tokenizer) could
+# retitle the window, clear the screen or, on some terminals, write to the clipboard. The CLIs
+# print model text through ``printable``; the API and server return text unchanged.
+_ESCAPES = None
+
+
+def printable(text: str) -> str:
+    """``text`` without terminal control: ESC/CSI/OSC sequences and C0/C1 control characters
+    (tabs and newlines stay). Works on streamed pieces too: a sequence split between pieces
+    loses its control characters, and what remains is plain text."""
+    import re
+
+    global _ESCAPES
+    if _ESCAPES is None:
+        _ESCAPES = re.compile(
+            r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL / ST
+            r"|\x1b\[[0-?]*[ -/]*[@-~]?"  # CSI
+            r"|\x1b[@-_]?"  # other ESC sequences
+            r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # the other controls (keeps \t and \n)
+        )
+    return _ESCAPES.sub("", text)
+
+
 def read_text_streams() -> None:
     """Read standard input as terminals show text: invalid UTF-8 becomes U+FFFD instead of an
     exception that ends the program (a chat session goes on)."""

@@ -9,6 +9,7 @@ from .common import (
     add_model_flags,
     check_flags,
     load_model,
+    printable,
     rank,
     read_text_streams,
     sampler_from,
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
                 progress=bar,
             ):
                 bar.close()
-                print(resp.text, end="", flush=True)
+                print(printable(resp.text), end="", flush=True)
                 last = resp
         finally:
             bar.close()

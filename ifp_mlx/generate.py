@@ -5,7 +5,9 @@ prefill that fills the KV cache), the kept units are materialized once, and mlx-
 then prefills the rest and decodes on the compact model. Nothing IFP-specific runs per token.
 """
 
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Union
 
@@ -38,6 +40,34 @@ def _message(m) -> dict:
     return {**m, "content": clean_text(m["content"])}
 
 
+TEMPLATE_SECONDS = 2.0  # a real chat template renders in milliseconds
+
+
+class TimeLimit(Exception):
+    """Raised inside code that ran past :func:`time_limit`."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Stop this thread's Python code after ``seconds`` (raises TimeLimit in it). A chat
+    template is code from the model folder: jinja compiles it to Python, so a trace function
+    that looks at the clock on each call and each line can stop a template that loops for
+    ever, without a process or a signal (which a library cannot own)."""
+    deadline = time.monotonic() + seconds
+
+    def tracer(frame, event, arg):  # calls everywhere, lines in template code
+        if time.monotonic() > deadline:
+            raise TimeLimit
+        return tracer if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
     """Token ids for ``prompt``: a user message (chat template applied), messages, or ids."""
     if isinstance(prompt, str):
@@ -52,7 +82,11 @@ def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
         raise IFPError("empty prompt")
     if chat and getattr(tokenizer, "chat_template", None):
         try:
-            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            with time_limit(TEMPLATE_SECONDS):
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except TimeLimit:
+            raise IFPError(f"the model's chat template did not finish within {TEMPLATE_SECONDS:g} "
+                           "s (a damaged or hostile template: fix its chat_template)")  # fmt: skip
         except Exception as e:  # jinja errors of a damaged template, raise_exception(), ...
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise IFPError(f"the model's chat template fails on this conversation: {first}")
