@@ -211,7 +211,7 @@ def run_speed(args) -> None:
 
     for k in args.keep:
         check_keep(k)
-    model, tokenizer = load(args.model, ffn_store=args.ffn_store)
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store)
     r = speed(model, tokenizer, args.keep, args.prompt_tokens, args.decode_tokens, args.predictor)
     r["model"] = model_name(args.model)
     print(
@@ -267,7 +267,7 @@ def run_answers(args) -> None:
                 kw["dense_head"] = args.dense_head
             name = "default" if k == "default" else f"keep {k}"
             settings[name + ("" if r is None else f", rescore {r}")] = kw
-    model, tokenizer = load(args.model, ffn_store=args.ffn_store)
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store)
     r = answers_bench(model, tokenizer, settings, args.split, args.n, args.max_tokens,
                       lambda i, n: print(f"\ranswered {i}/{n}", end="", file=sys.stderr, flush=True))  # fmt: skip
     print(file=sys.stderr)
@@ -294,7 +294,7 @@ def run_policy(args) -> None:
     from ..selection import check_keep
 
     check_keep(args.keep)
-    model, tokenizer = load(args.model, ffn_store=args.ffn_store)
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store)
     r = policies(model, tokenizer, args.keep, args.answer_tokens)
     r["model"] = model_name(args.model)
     print(f"{r['model']}: keep {args.keep}, {r['conversations']} two-turn conversations")

@@ -61,6 +61,9 @@ def add_store_flag(p: argparse.ArgumentParser) -> None:
         "pruned model peaks below the dense one); memory: every FFN unit resident; auto "
         "(default): flash where the folder has a unit file (ifp-mlx format >= 2), else memory",
     )
+    p.add_argument("--verify-store", action="store_true",
+                   help="check every layer of the unit file against its checksum at load "
+                   "(reads the whole file once)")  # fmt: skip
 
 
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:
@@ -87,7 +90,7 @@ def load_model(args, prog: str):
 
     from .. import load
 
-    model, tokenizer = load(args.model, ffn_store=args.ffn_store, distributed=args.distributed,
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store, distributed=args.distributed,
                             shard_policy=args.shard_policy)  # fmt: skip
     if args.distributed:
         shard = model.sharding

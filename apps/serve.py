@@ -58,6 +58,7 @@ def main(argv=None) -> None:
                           args.distributed, args.shard_policy, args.host, args.allowed_host,
                           args.allowed_origin, args.max_connections, args.timeout,
                           3 * args.timeout)  # fmt: skip
+        cfg.verify_store = args.verify_store
         engine = Engine(cfg)  # the model loads before the port opens
         if engine.rank != 0:  # rank 0 serves; this rank runs what it is told
             engine.thread.join()

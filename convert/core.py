@@ -22,8 +22,8 @@ from mlx_lm.utils import (
 from tqdm import tqdm
 
 from ..errors import IFPError, looks_like_repo_id, read_json
-from ..paths import check_file
 from ..model import FORMAT_VERSION, find_ffns, to_unit_major
+from ..paths import check_file
 from ..store import write_model_files
 from .config import fix_config
 from .gguf_reader import read_gguf

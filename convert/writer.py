@@ -7,9 +7,11 @@ only with ``--force``) stays untouched until the new one is complete.
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import List
 
 from ..errors import IFPError
 
@@ -60,14 +62,50 @@ def check_output(out: Path, force: bool, needed_bytes: int = 0) -> None:
         )
 
 
+MARKER = ".ifp-partial"  # in a temp folder: "host pid" of the writer
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(parent: Path) -> List[Path]:
+    """Remove the temp folders in ``parent`` that a killed writer left (SIGKILL, power loss:
+    no handler ran): ours by their marker, written on this host by a process that is gone."""
+    removed = []
+    try:
+        entries = [p for p in Path(parent).iterdir() if p.name.startswith(".") and p.is_dir()]
+    except OSError:
+        return removed
+    for folder in entries:
+        try:
+            host, pid = (folder / MARKER).read_text().split()
+            stale = host == socket.gethostname() and not _alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if stale and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 @contextmanager
 def atomic_folder(out: Path, force: bool = False):
-    """Yield a temp folder; on success it replaces ``out``, on any error it is removed."""
+    """Yield a temp folder; on success it replaces ``out``, on any error it is removed (and
+    one a killed writer left is removed by the next writer in the same place)."""
     out = Path(out)
     check_output(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(out.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        (tmp / MARKER).write_text(f"{socket.gethostname()} {os.getpid()}")
     except OSError as e:
         raise IFPError(f"cannot write {out}: {e.strerror or e}")
     umask = os.umask(0)
@@ -75,6 +113,7 @@ def atomic_folder(out: Path, force: bool = False):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is not
     try:
         yield tmp
+        (tmp / MARKER).unlink()
         check_output(out, force)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -153,6 +153,7 @@ class Conversation:
                 generated.append(resp.token)
                 yield resp
         finally:
+            stream.close()  # the model is free for the next turn at once
             if started:
                 self.messages.append({"role": "assistant", "content": answer})
             self.prompt_cache.commit(full, generated, started)

@@ -5,7 +5,9 @@ prefill that fills the KV cache), the kept units are materialized once, and mlx-
 then prefills the rest and decodes on the compact model. Nothing IFP-specific runs per token.
 """
 
+import functools
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,6 +178,33 @@ class IFPResponse(GenerationResponse):
     ifp: IFPStats = field(default_factory=IFPStats)
 
 
+@contextmanager
+def one_generation(model: nn.Module):
+    """Hold ``model`` for one generation. Two interleaved generations would share its
+    selection and, through a server's or chat's caches, each other's state: the second one
+    is an error instead (finish or close the first: ``gen.close()``)."""
+    lock = model.__dict__.setdefault("_ifp_generating", threading.Lock())
+    if not lock.acquire(blocking=False):
+        raise IFPError("this model is already generating (another stream_generate is open); "
+                       "finish or close() that one first")  # fmt: skip
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _held(gen_fn):
+    """``gen_fn``'s generator, run under :func:`one_generation` of its model."""
+
+    @functools.wraps(gen_fn)
+    def held(model, *args, **kwargs):
+        with one_generation(model):
+            yield from gen_fn(model, *args, **kwargs)
+
+    return held
+
+
+@_held
 def stream_generate(
     model: nn.Module,
     tokenizer,

@@ -100,6 +100,7 @@ def load(
     ffn_store: str = "memory",
     distributed: bool = False,
     shard_policy: str = "global",
+    verify_store: bool = False,
 ) -> Tuple[nn.Module, TokenizerWrapper]:
     """Load ``(model, tokenizer)`` from an ifp-mlx folder (default: the bundled SmolLM2).
 
@@ -115,6 +116,10 @@ def load(
     share of attention heads and of every FFN layer's units (``ifp_mlx.distributed``);
     ``shard_policy`` is ``"global"`` (the single-machine selection) or ``"balanced"`` (equal
     kept units per rank).
+
+    ``verify_store=True`` reads the unit file once and checks each layer's CRC-32 (written at
+    convert time) before the load: damage at rest is found then, not as garbage answers. A
+    file changed after the load is caught at the next select without it.
     """
     if ffn_store not in FFN_STORES:
         raise IFPError(f"ffn_store must be one of {', '.join(FFN_STORES)}, not {ffn_store!r}")
@@ -152,6 +157,10 @@ def load(
     if spec is not None:
         check_file(path, path / spec.file, "FFN unit file")
     units = UnitFile(path, spec) if spec is not None else None  # validated before the load
+    if verify_store:
+        if units is None:
+            raise IFPError(f"{path} has no FFN unit file to verify (reconvert it)")
+        units.verify()
     group = None
     if distributed:
         from .distributed import connect

@@ -16,6 +16,7 @@ Both build layers from the same bytes, so the same selection gives bit-identical
 import copy
 import os
 import uuid
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -65,6 +66,7 @@ class LayerSpec:
     offset: int
     fields: List[Field]
     quantization: Dict[str, Optional[dict]]  # per projection: {bits, group_size, mode} | None
+    crc32: Optional[int] = None  # of the layer's records as written (load(verify_store=True))
 
     @property
     def record(self) -> int:
@@ -108,8 +110,11 @@ class FileSpec:
                 if any(f.dtype not in DTYPES for f in fields):
                     raise bad
                 quant = {p: _quantization(entry["quantization"].get(p), bad) for p in PROJ}
+                crc = entry.get("crc32")
+                if crc is not None and (isinstance(crc, bool) or not isinstance(crc, int)):
+                    raise bad
                 spec = LayerSpec(str(entry["path"]), int(entry["units"]), int(entry["offset"]),
-                                 fields, quant)  # fmt: skip
+                                 fields, quant, crc)  # fmt: skip
                 if spec.units < 1 or spec.offset < PAGE or not fields:
                     raise bad
                 layers.append(spec)
@@ -210,8 +215,10 @@ def write_model_files(folder: Path, model: nn.Module) -> dict:
             for (name, a), fld in zip(arrays, fields):
                 raw = a.view(getattr(mx, f"uint{8 * a.dtype.size}")) if a.dtype.size > 1 else a
                 records[name] = np.asarray(raw)
+            data = records.tobytes()
+            spec.crc32 = zlib.crc32(data)
             f.seek(offset)
-            f.write(records.tobytes())
+            f.write(data)
             layers.append(spec)
             offset = -(-spec.end // PAGE) * PAGE
         size = layers[-1].end
@@ -272,6 +279,10 @@ def _pool():
     return _POOL[0]
 
 
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class UnitFile:
     """The open unit-bundled file: validated once at load, read with positional reads."""
 
@@ -296,6 +307,7 @@ class UnitFile:
                 f"{self.path}: not the FFN file this config.json was written with "
                 f"(id differs); {hint}"
             )
+        self.identity = _identity(os.fstat(self.fd))
         self.bytes_read = 0  # kept units' bytes
         self.read_calls = 0
         self.gap_bytes = 0  # bytes of small gaps read into scratch (see read)
@@ -310,13 +322,41 @@ class UnitFile:
         self.close()
 
     def check(self) -> None:
-        """The file must still be the one loaded: a size change means it was rewritten."""
-        size = os.fstat(self.fd).st_size
-        if size != self.spec.bytes:
-            raise IFPError(
-                f"{self.path} changed size since the model was loaded ({self.spec.bytes} → "
-                f"{size} bytes); load the model again"
-            )
+        """The file must still be the one loaded (checked at each select): same size, same
+        modification time, same inode at the folder's path, same header id. A file rewritten
+        in place, even at the same size, would otherwise read as silent garbage."""
+        st = os.fstat(self.fd)
+        again = "; load the model again"
+        if st.st_size != self.spec.bytes:
+            raise IFPError(f"{self.path} changed size since the model was loaded "
+                           f"({self.spec.bytes} → {st.st_size} bytes){again}")  # fmt: skip
+        if _identity(st) != self.identity:
+            raise IFPError(f"{self.path} was modified since the model was loaded{again}")
+        try:
+            named = _identity(os.stat(self.path))
+        except OSError:
+            named = None
+        if named != self.identity:
+            raise IFPError(f"{self.path} was replaced or removed since the model was loaded{again}")  # fmt: skip
+        if os.pread(self.fd, len(MAGIC) + 16, 0)[len(MAGIC) :].hex() != self.spec.id:
+            raise IFPError(f"{self.path}: its header changed since the model was loaded{again}")
+
+    def verify(self) -> None:
+        """Read every layer once and compare its CRC-32 with the one written at convert time
+        (``load(verify_store=True)``, ``--verify-store``): corruption at rest, named by layer."""
+        for i, layer in enumerate(self.spec.layers):
+            if layer.crc32 is None:
+                raise IFPError(f"{self.path}: this folder has no checksums (converted by an "
+                               "older ifp-mlx); reconvert it to verify its units")  # fmt: skip
+            crc, pos, step = 0, layer.offset, 1 << 24
+            while pos < layer.end:
+                chunk = os.pread(self.fd, min(step, layer.end - pos), pos)
+                if not chunk:
+                    break
+                crc, pos = zlib.crc32(chunk, crc), pos + len(chunk)
+            if crc != layer.crc32:
+                raise IFPError(f"{self.path}: layer {i} ({layer.path}) fails its checksum: the "
+                               "file is damaged; reconvert the model")  # fmt: skip
 
     def _read_into(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` from ``offset``; returns the number of read calls it took."""

@@ -83,6 +83,7 @@ class Engine:
             from ..chat import PromptCache
 
             self.model, self.tokenizer = load(self.cfg.model, ffn_store=self.cfg.ffn_store,
+                                              verify_store=self.cfg.verify_store,
                                               distributed=self.cfg.distributed,
                                               shard_policy=self.cfg.shard_policy)  # fmt: skip
             shard = getattr(self.model, "sharding", None)

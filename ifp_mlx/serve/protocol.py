@@ -31,6 +31,7 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds for a connection to send its request headers
     body_timeout: float = 30.0  # seconds for a request body to arrive
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    verify_store: bool = False  # check the unit file's checksums at load
 
 
 class BadRequest(Exception):
