@@ -74,9 +74,13 @@ def read_gguf(path: Path, progress: Callable = iter) -> Checkpoint:
     if arch not in _ARCHS:
         raise IFPError(f"GGUF architecture {arch!r} is not supported (have {sorted(_ARCHS)})")
 
-    meta = {name: field.contents() for name, field in reader.fields.items()}
-    names = {t.name for t in reader.tensors}
+    try:
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+        names = {t.name for t in reader.tensors}
+    except Exception as e:  # counts or lengths past the file: numpy index/shape errors
+        raise IFPError(f"cannot read {path} as GGUF: damaged metadata ({type(e).__name__})")
     config = _gguf_config(meta, arch, tie="output.weight" not in names)
+    tokenizer = _gguf_tokenizer(meta, arch)  # now: a broken one fails before any write
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     weights: Dict[str, mx.array] = {}
@@ -91,7 +95,7 @@ def read_gguf(path: Path, progress: Callable = iter) -> Checkpoint:
         weights[name] = mx.array(w)
 
     def write_tokenizer(dst: Path):
-        _gguf_tokenizer(meta, arch).save_pretrained(str(dst))
+        tokenizer.save_pretrained(str(dst))
 
     return Checkpoint(weights, config, tokenizer=write_tokenizer, source=str(path))
 
@@ -152,8 +156,17 @@ def _gguf_tokenizer(meta: dict, arch: str):
     for name, key in _SPECIAL_TOKENS.items():
         token_id = meta.get(f"tokenizer.ggml.{key}")
         if token_id is not None:
-            tok_config[name] = tok_dict["tokens"][int(token_id)]
+            n = len(tok_dict["tokens"])
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < n:  # fmt: skip
+                raise IFPError(f"damaged GGUF tokenizer: tokenizer.ggml.{key} = {token_id!r} is "
+                               f"not a token id of its {n}-token vocabulary")  # fmt: skip
+            tok_config[name] = tok_dict["tokens"][token_id]
     # transformers picks the builder by the GGUF architecture ("gemma3": no "▁" before the
     # first word, as add_space_prefix = false says), not by the model type it maps it to
-    backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+    try:
+        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+    except KeyError as e:
+        raise IFPError(f"incomplete GGUF tokenizer: no tokenizer.ggml.{e.args[0]}")
+    except (ValueError, TypeError, IndexError) as e:
+        raise IFPError(f"damaged GGUF tokenizer: {type(e).__name__}: {str(e)[:160]}")
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict
 
 from .errors import IFPError, read_json
+from .paths import inside
 
 
 def _fix(path: Path) -> str:
@@ -88,8 +89,14 @@ def check_safetensors(path: Path, folder: Path) -> None:
             if not 0 < n <= size - 8:
                 raise ValueError("header length out of range")
             header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
-                  default=0)  # fmt: skip
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a {type(header).__name__}, not an object")
+        offsets = [t.get("data_offsets") if isinstance(t, dict) else None
+                   for k, t in header.items() if k != "__metadata__"]  # fmt: skip
+        if not all(isinstance(o, list) and len(o) == 2 and all(type(x) is int and x >= 0 for x in o)
+                   for o in offsets):  # fmt: skip
+            raise ValueError("a tensor's data_offsets are not two byte offsets")
+        end = max((o[1] for o in offsets), default=0)
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
         raise IFPError(f"{path}: not a readable safetensors file ({e}); {_fix(folder)}")
     if 8 + n + end != size:
@@ -105,9 +112,11 @@ def check_weight_files(folder: Path) -> None:
         weight_map = read_json(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise IFPError(f"{index}: no weight_map; {_fix(folder)}")
-        shards = sorted(set(map(str, weight_map.values())))
+        if not all(isinstance(v, str) for v in weight_map.values()):
+            raise IFPError(f"{index}: a weight_map value is not a file name; {_fix(folder)}")
+        shards = sorted(set(weight_map.values()))
         for shard in shards:
-            if not (folder / shard).is_file():
+            if not inside(folder, shard, "shard").is_file():
                 raise IFPError(f"{index} lists {shard}, which is missing; {_fix(folder)}")
     else:
         shards = sorted(p.name for p in folder.glob("model*.safetensors"))
