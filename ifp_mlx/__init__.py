@@ -1,6 +1,34 @@
 """ifp-mlx: per-prompt FFN pruning (instruction-following pruning) on MLX."""
 
-from .errors import IFPError
+
+def _import_mlx_lm_within_fd_limit() -> None:
+    """mlx-lm raises the open-file limit to (2048, 4096) when imported; where the hard limit
+    is lower (a container, ``ulimit -Hn``) that raises ValueError at import and every program
+    would die with a traceback. Import it once with the request cut to what is allowed."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: mlx-lm does not ask
+        return
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 4096:
+        return
+    real = resource.setrlimit
+
+    def clamped(which, limits):
+        if which == resource.RLIMIT_NOFILE:
+            limits = tuple(min(v, hard) for v in limits)
+        real(which, limits)
+
+    resource.setrlimit = clamped
+    try:
+        import mlx_lm.utils  # noqa: F401
+    finally:
+        resource.setrlimit = real
+
+
+_import_mlx_lm_within_fd_limit()
+
+from .errors import IFPError  # noqa: E402
 from .generate import generate, stream_generate
 from .loading import load
 

@@ -193,6 +193,10 @@ def load(
                         "the model (its FFN unit file differs)")  # fmt: skip
         shard_model(model, units, group, shard_policy)
         sync_seed(group)
+    layers = len(find_ffns(model))
+    if head is not None and not 0 <= head.cfg.encoder_layers < layers:
+        raise IFPError(f"{path}: the learned predictor reads {head.cfg.encoder_layers} encoder "
+                       f"layers; this model has {layers}: retrain it (ifp-train)")  # fmt: skip
     if units is not None:
         _attach_units(model, units, ffn_store, head)
     if head is not None and list(head.cfg.units) != model.ffn_units:
