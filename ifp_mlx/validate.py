@@ -6,6 +6,7 @@ The most likely real damage is an interrupted copy (a truncated shard), then han
 """
 
 import json
+import math
 import numbers
 from pathlib import Path
 from typing import Callable, Dict
@@ -62,7 +63,23 @@ SIZE_LIMITS = {
 }
 
 
+# Real-valued entries the model families read as numbers (null: the family's default).
+REAL_ENTRIES = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "norm_eps",
+                "partial_rotary_factor", "query_pre_attn_scalar", "rope_local_base_freq",
+                "attn_logit_softcapping", "final_logit_softcapping")  # fmt: skip
+
+
 def check_model_config(config: dict, where: str) -> None:
+    if not isinstance(config.get("model_type"), str):
+        raise IFPError(f"{where}: model_type = {json.dumps(config.get('model_type'))[:40]} is "
+                       "not a model family name")  # fmt: skip
+    arch = config.get("architectures")
+    if arch is not None and not isinstance(arch, str) and not _is_list_of(str)(arch):
+        raise IFPError(f"{where}: architectures = {json.dumps(arch)[:40]} is not a list of names")
+    for key in REAL_ENTRIES:
+        v = config.get(key)
+        if v is not None and not (_number(v) and math.isfinite(v)):
+            raise IFPError(f"{where}: {key} = {json.dumps(v)[:40]} is not a number")
     for key, limit in SIZE_LIMITS.items():
         v = config.get(key)
         if v is None:

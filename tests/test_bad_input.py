@@ -3,6 +3,7 @@ prompts, token ids and damaged folders. Anything a user gets wrong is one clear 
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -179,9 +180,42 @@ def _damage_file(folder, rng: random.Random) -> None:
     path.write_bytes(bytes(data))
 
 
+def _hostile_files(folder, rng: random.Random) -> None:
+    """What a hostile folder names: files outside it, FIFOs, headers of the wrong shape."""
+    outside = folder.parent / f"outside-{folder.name}.safetensors"
+    shutil.copy(folder / "model.safetensors", outside)
+    name = rng.choice([str(outside), "../" + outside.name, None, 3, "", "model.safetensors"])
+    kind = rng.randrange(5)
+    if kind == 0:
+        weights = folder / "model.safetensors"
+        keys = list(json.loads(weights.read_bytes()[8 : 8 + int.from_bytes(weights.read_bytes()[:8], "little")]))  # fmt: skip
+        index = {"weight_map": {k: rng.choice([name, "model.safetensors"]) for k in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif kind == 1:
+        cfg = json.loads((folder / "config.json").read_text())
+        target = cfg.get("ifp", cfg)
+        target["predictor"] = {"type": "learned", "file": name, "units": [1], "hidden_size": 4}
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif kind == 2:
+        victim = rng.choice(sorted(p for p in folder.iterdir() if p.is_file()))
+        victim.unlink()
+        victim.symlink_to(outside)
+    elif kind == 3:
+        victim = rng.choice(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")))  # fmt: skip
+        victim.unlink()
+        os.mkfifo(victim)
+    else:
+        path = folder / "model.safetensors"
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = rng.choice([b"[1, 2]", b"7", b'{"a": {"data_offsets": ["0", "4"]}}', b"{}"])
+        path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
+
+
 def test_fuzz_never_crashes(tiny, tmp_path):
     """200 seeded cases: random bytes as prompts, random token ids, random edits of
-    config.json and its ifp block, damaged files, damaged sources to convert. Each ends in an
+    config.json and its ifp block, damaged files, hostile files (names outside the folder,
+    symlinks out, FIFOs, headers of the wrong shape), damaged sources to convert. Each ends in an
     answer or an IFPError, never another exception (or a crash of the process)."""
     src, folder = tiny
     rng = random.Random(18)
@@ -209,7 +243,8 @@ def test_fuzz_never_crashes(tiny, tmp_path):
         elif kind in (2, 3):  # a damaged model folder: edited config, damaged files
             bad = tmp_path / f"m{i}"
             shutil.copytree(folder, bad)
-            (_edit_config if kind == 2 else _damage_file)(bad, rng)
+            edit = _edit_config if kind == 2 else rng.choice([_damage_file, _hostile_files])
+            edit(bad, rng)
 
             def load_and_answer():
                 m, t = ifp_mlx.load(bad, ffn_store=rng.choice(["memory", "flash"]))
@@ -220,7 +255,7 @@ def test_fuzz_never_crashes(tiny, tmp_path):
         else:  # a damaged source to convert
             bad = tmp_path / f"s{i}"
             shutil.copytree(src, bad)
-            (_edit_config if rng.random() < 0.5 else _damage_file)(bad, rng)
+            rng.choice([_edit_config, _damage_file, _hostile_files])(bad, rng)
             attempt(lambda: convert(bad, tmp_path / f"o{i}", progress=False))
             shutil.rmtree(bad)
             shutil.rmtree(tmp_path / f"o{i}", ignore_errors=True)
