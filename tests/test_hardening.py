@@ -67,8 +67,8 @@ def test_a_shard_index_naming_files_outside_is_refused(src, tmp_path):
     outside = tmp_path / "outside.safetensors"
     shutil.copy(src / "model.safetensors", outside)
     (src / "model.safetensors").rename(src / "inside.safetensors")
-    for bad, needle in ((str(outside), "outside the model folder"),
-                        ("../outside.safetensors", "outside the model folder"),
+    for bad, needle in ((str(outside), "is outside the model folder"),
+                        ("../outside.safetensors", "is outside the model folder"),
                         (None, "not a file name"), (7, "not a file name")):  # fmt: skip
         shard_index(src, {"model.embed_tokens.weight": bad, "lm_head.weight": "inside.safetensors"})
         refused(lambda: convert(src, tmp_path / "out", progress=False), needle)
@@ -98,7 +98,7 @@ def test_a_fifo_weight_file_does_not_hang_the_converter(src, tmp_path):
     (src / "model.safetensors").unlink()
     os.mkfifo(src / "model.safetensors")
     res = subprocess.run([sys.executable, "-m", "ifp_mlx.convert", str(src), str(tmp_path / "o")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "special file" in res.stderr.strip().splitlines()[-1]
 
@@ -111,7 +111,7 @@ def test_a_model_folder_cannot_name_files_outside_it(folder, tmp_path):
     shutil.copy(folder / entry["file"], tmp_path / "theirs.safetensors")
     for bad in ("../theirs.safetensors", str(tmp_path / "theirs.safetensors")):
         set_ifp_entries(folder, predictor={**entry, "file": bad})
-        refused(lambda: ifp_mlx.load(folder), "outside the model folder")
+        refused(lambda: ifp_mlx.load(folder), "is outside the model folder")
     set_ifp_entries(folder, predictor=entry)
     ifp_mlx.load(folder)
     weights = folder / "model.safetensors"
@@ -129,17 +129,19 @@ def test_a_model_folder_cannot_name_files_outside_it(folder, tmp_path):
 # ---------------------------------------------------------------- code and text from a folder
 
 
-def test_a_chat_template_that_loops_for_ever_is_stopped(folder):
+def test_a_chat_template_that_loops_for_ever_is_stopped(folder, monkeypatch):
+    """~1 min of loops (for ever, as far as a user can tell) is stopped at the limit."""
+    monkeypatch.setattr("ifp_mlx.generate.TEMPLATE_SECONDS", 0.5)
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = ("{% for i in range(100000) %}{% for j in range(100000) %}"
+    cfg["chat_template"] = ("{% for i in range(100000) %}{% for j in range(3000) %}"
                             "{% endfor %}{% endfor %}w5")  # fmt: skip
     cfg_path.write_text(json.dumps(cfg))
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     model, tok = ifp_mlx.load(folder)
     tic = time.time()
     refused(lambda: ifp_mlx.generate(model, tok, "w5 w6", max_tokens=1), "did not finish")
-    assert time.time() - tic < 10
+    assert time.time() - tic < 5
 
 
 def test_printable_strips_terminal_control():
