@@ -131,7 +131,7 @@ def test_a_model_folder_cannot_name_files_outside_it(folder, tmp_path):
 
 def test_a_chat_template_that_loops_for_ever_is_stopped(folder, monkeypatch):
     """~1 min of loops (for ever, as far as a user can tell) is stopped at the limit."""
-    monkeypatch.setattr("ifp_mlx.generate.TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(sys.modules["ifp_mlx.generate"], "TEMPLATE_SECONDS", 0.5)
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = ("{% for i in range(100000) %}{% for j in range(3000) %}"
