@@ -4,8 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import cli_errors
-from .common import MODEL_HELP, add_store_flag, keep_arg, model_name
+from .common import MODEL_HELP, add_store_flag, cli_errors, keep_arg, model_name
 
 
 def main(argv=None) -> None:
@@ -124,8 +123,8 @@ def run_distributed(args) -> None:
     import sys
     import tempfile
 
+    from ..budget import check_keep
     from ..errors import IFPError
-    from ..selection import check_keep
 
     check_keep(args.keep)
     if args.ranks < 2 or args.prompts < 1 or args.decode_tokens < 1 or args.answer_tokens < 1:
@@ -206,7 +205,7 @@ def run_serve(args) -> None:
 
 def run_speed(args) -> None:
     from .. import load
-    from ..selection import check_keep
+    from ..budget import check_keep
     from ..speed import speed
 
     for k in args.keep:
@@ -240,9 +239,8 @@ def run_answers(args) -> None:
 
     from .. import load
     from ..bench import answers_bench
-    from ..calibrate import check_max_kl
+    from ..budget import check_keep, check_max_kl
     from ..errors import IFPError
-    from ..selection import check_keep
 
     if args.max_tokens < 1 or (args.n is not None and args.n < 1):
         raise IFPError("--max-tokens and --n must be ≥ 1")
@@ -291,7 +289,7 @@ def run_answers(args) -> None:
 def run_policy(args) -> None:
     from .. import load
     from ..bench import policies
-    from ..selection import check_keep
+    from ..budget import check_keep
 
     check_keep(args.keep)
     model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store)
@@ -306,8 +304,8 @@ def run_policy(args) -> None:
 
 
 def run_memory(args) -> None:
+    from ..budget import check_keep
     from ..memory import memory_bench, plot
-    from ..selection import check_keep
 
     check_keep(args.keep)
     if args.keep == 1.0:

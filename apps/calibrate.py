@@ -3,9 +3,9 @@ so ``--keep auto --max-kl T`` (and the default) can pick the keep for a quality 
 
 import argparse
 
-from ..errors import IFPError, cli_errors
-from ..selection import check_keep
-from .common import MODEL_HELP, model_name
+from ..budget import check_keep
+from ..errors import IFPError
+from .common import MODEL_HELP, cli_errors, model_name
 from .eval import _floats
 
 
@@ -32,9 +32,10 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     from .. import load
+    from ..budget import check_max_kl, check_protect, curves
     from ..bundled import model_path
-    from ..calibrate import CalibrationConfig, calibrate, check_max_kl, check_protect, curves
-    from ..loading import set_ifp_entries
+    from ..calibrate import CalibrationConfig, calibrate
+    from ..errors import set_ifp_entries
     from ..predictors import get_predictor
 
     kw = {

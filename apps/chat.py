@@ -3,11 +3,12 @@
 import argparse
 import sys
 
-from ..errors import IFPError, cli_errors
+from ..errors import IFPError
 from .common import (
     PrefillBar,
     add_model_flags,
     check_flags,
+    cli_errors,
     keep_arg,
     load_model,
     printable,

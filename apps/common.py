@@ -1,6 +1,34 @@
-"""Flags shared by ifp-chat and ifp-generate, and turning them into library objects."""
+"""What the CLIs share: flags, turning them into library objects, and the error handler that
+makes every user mistake one line."""
 
 import argparse
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str):
+    """Turn IFPError / Ctrl-C / a lost distributed rank into one stderr line and a non-zero
+    exit."""
+    from ..errors import IFPError
+
+    try:
+        yield
+    except IFPError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    except RuntimeError as e:  # a distributed rank that went away: not a bug of ours
+        from ..distributed import lost_peer
+
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        print(f"{prog}: error: {lost}", file=sys.stderr)
+        raise SystemExit(1)
+
 
 MODEL_HELP = (
     "ifp-mlx model folder, or a bundled model fetched and converted on first use: "
@@ -178,16 +206,16 @@ def read_text_streams() -> None:
 
 def check_flags(args) -> None:
     """Validate flags before the (slow) model load, so mistakes fail fast."""
+    from ..budget import check_keep
     from ..chat import check_policy
     from ..errors import IFPError
     from ..predictors import get_predictor
-    from ..selection import check_keep
 
     if args.keep is not None and args.keep != "auto":
         for k in args.keep if isinstance(args.keep, list) else [args.keep]:
             check_keep(k)
     if args.max_kl is not None:
-        from ..calibrate import check_max_kl
+        from ..budget import check_max_kl
 
         check_max_kl(args.max_kl)
         if args.keep not in (None, "auto"):

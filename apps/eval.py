@@ -3,8 +3,8 @@
 import argparse
 from pathlib import Path
 
-from ..errors import IFPError, cli_errors, write_json
-from .common import MODEL_HELP, model_name
+from ..errors import IFPError, write_json
+from .common import MODEL_HELP, cli_errors, model_name
 
 LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),

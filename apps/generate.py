@@ -3,11 +3,11 @@
 import argparse
 import sys
 
-from ..errors import cli_errors
 from .common import (
     PrefillBar,
     add_model_flags,
     check_flags,
+    cli_errors,
     load_model,
     printable,
     rank,

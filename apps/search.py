@@ -4,8 +4,8 @@ into the model folder (the runtime's default budget from then on; uniform stays 
 import argparse
 from pathlib import Path
 
-from ..errors import cli_errors, write_json
-from .common import MODEL_HELP
+from ..errors import write_json
+from .common import MODEL_HELP, cli_errors
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,7 @@ def main(argv=None) -> None:
 def run(args) -> None:
     from .. import load
     from ..bundled import model_path
-    from ..loading import set_ifp_entries
+    from ..errors import set_ifp_entries
     from ..model import dequantize
     from ..search import SearchConfig, budget_entry, check, fractions, plot, search
 

@@ -3,8 +3,8 @@
 import argparse
 import sys
 
-from ..errors import IFPError, cli_errors
-from .common import MODEL_HELP, add_distributed_flags, add_store_flag, keep_arg
+from ..errors import IFPError
+from .common import MODEL_HELP, add_distributed_flags, add_store_flag, cli_errors, keep_arg
 
 
 def main(argv=None) -> None:

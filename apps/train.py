@@ -4,7 +4,8 @@
 import argparse
 from pathlib import Path
 
-from ..errors import IFPError, cli_errors
+from ..errors import IFPError
+from .common import cli_errors
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from ..errors import cli_errors
+from ..apps.common import cli_errors
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,11 +28,16 @@ def _import_mlx_lm_within_fd_limit() -> None:
 
 _import_mlx_lm_within_fd_limit()
 
+from . import bundled, loading  # noqa: E402
 from .errors import IFPError  # noqa: E402
-from .generate import generate, stream_generate
-from .loading import load
+from .generate import generate, stream_generate  # noqa: E402
+from .loading import load  # noqa: E402
+
+# Bundled model names (and None: the default) are folders to load(); wired here, above both.
+loading.register_names(bundled.model_path, bundled.BUNDLED)
+
+from .selection import Selection  # noqa: E402
 
 __version__ = "0.1.0"
-from .selection import Selection
 
 __all__ = ["load", "generate", "stream_generate", "Selection", "IFPError"]

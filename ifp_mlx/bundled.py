@@ -204,7 +204,7 @@ def _convert_default(bits: int, out: Path) -> None:
             bundled_gguf(), out, quantize=True, q_bits=bits, q_group_size=64, force=True
         )
         if kept:  # same source, same unit order: a trained predictor or budget still fits
-            from .loading import set_ifp_entries
+            from .errors import set_ifp_entries
 
             for name, data in kept.pop("_files").items():
                 (out / name).write_bytes(data)
@@ -280,8 +280,7 @@ def attach_settings(folder: Path, shipped: Path) -> None:
     """Give the converted bundled model the settings measured on it (shipped JSON), unless the
     folder has settings of its own (a user's ``ifp-calibrate`` wins); settings we shipped
     before are replaced when the shipped file changes."""
-    from .errors import read_json
-    from .loading import set_ifp_entries
+    from .errors import read_json, set_ifp_entries
 
     ifp = read_json(folder / "config.json").get("ifp", {})
     if not shipped.is_file():
@@ -300,8 +299,7 @@ def attach_settings(folder: Path, shipped: Path) -> None:
 def attach_predictor(folder: Path) -> None:
     """Give the converted bundled model the predictor trained for it (``ifp-train`` on the 4-bit
     conversion; shipped as float16), unless the folder already has a predictor of its own."""
-    from .errors import read_json
-    from .loading import set_ifp_entries
+    from .errors import read_json, set_ifp_entries
 
     if read_json(folder / "config.json").get("ifp", {}).get("predictor"):
         return

@@ -14,11 +14,10 @@ import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
-from .calibrate import resolve
+from .budget import Budget, budget_units, is_dense, resolve
 from .errors import IFPError
 from .generate import IFPResponse, prompt_tokens, stream_generate
 from .predictors import get_predictor
-from .selection import Budget, budget_units, is_dense
 
 POLICIES = ("first-turn", "per-turn")
 

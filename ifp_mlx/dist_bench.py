@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--distributed", action="store_true")
     args = p.parse_args(argv)
     from . import load
-    from .errors import cli_errors
+    from .apps.common import cli_errors
     from .eval.data import chat_pairs
 
     with cli_errors("ifp-bench distributed"):

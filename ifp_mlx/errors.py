@@ -1,37 +1,14 @@
-"""User-facing errors.
+"""User-facing errors, and the small file helpers every layer needs: the ground floor, it
+imports nothing of ours.
 
 Anything raised as :class:`IFPError` is a user mistake or an unusable input, not a bug: the
-command-line programs print it as one line and exit non-zero instead of showing a traceback.
+command-line programs print it as one line and exit non-zero instead of showing a traceback
+(``ifp_mlx.apps.common.cli_errors``).
 """
-
-import sys
-from contextlib import contextmanager
 
 
 class IFPError(Exception):
     """A clear, one-line problem with the user's input."""
-
-
-@contextmanager
-def cli_errors(prog: str):
-    """Turn IFPError / Ctrl-C / a lost distributed rank into one stderr line and a non-zero
-    exit."""
-    try:
-        yield
-    except IFPError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(130)
-    except RuntimeError as e:  # a distributed rank that went away: not a bug of ours
-        from .distributed import lost_peer
-
-        lost = lost_peer(e)
-        if lost is None:
-            raise
-        print(f"{prog}: error: {lost}", file=sys.stderr)
-        raise SystemExit(1)
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -78,3 +55,19 @@ def write_json(path, data, indent: int = 1) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def set_ifp_entries(folder, **entries) -> None:
+    """Set entries of a model folder's ``ifp`` config (None removes one), atomically: the
+    predictor and the searched budget live there, beside the model they were made for."""
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = read_json(path)
+    ifp = config.setdefault("ifp", {})
+    for key, value in entries.items():
+        if value is None:
+            ifp.pop(key, None)
+        else:
+            ifp[key] = value
+    write_json(path, config, indent=4)

@@ -19,9 +19,10 @@ from mlx_lm.generate import GenerationResponse, generate_step, generation_stream
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+from .budget import Budget, is_dense
 from .errors import IFPError
 from .predictors import prefill_progress
-from .selection import Budget, Selection, is_dense
+from .selection import Selection
 
 Prompt = Union[str, List[int], List[dict]]
 
@@ -234,8 +235,7 @@ def stream_generate(
     those tokens; None: the folder's ``ifp.dense_head`` (0 = select from the prompt).
     ``kwargs`` go to mlx-lm (``sampler=``, ...).
     """
-    from .calibrate import resolve
-    from .selection import budget_units
+    from .budget import budget_units, resolve
 
     tokens = model.check_tokens(prompt_tokens(tokenizer, prompt))
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:

@@ -162,7 +162,7 @@ class JointTrainer(Trainer):
         """A new model folder: the adapters fused into float weights, the predictor beside."""
         from .convert.readers import copy_tokenizer_files
         from .convert.writer import atomic_folder
-        from .loading import set_ifp_entries
+        from .errors import set_ifp_entries
         from .predictors.learned import save
 
         if out is None:

@@ -1,14 +1,14 @@
 """Load an ifp-mlx model folder into an mlx-lm model with unit-major FFNs."""
 
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .errors import IFPError, looks_like_repo_id, read_json, write_json
+from .errors import IFPError, looks_like_repo_id, read_json
 from .model import FORMAT_VERSION, exact_embed_scale, find_ffns, to_unit_major
 from .paths import check_file, check_files
 from .selection import IFPMixin
@@ -73,9 +73,20 @@ def _resolve(path: Union[str, Path]) -> Path:
             return Path(snapshot_download(str(path)))
         except Exception as e:
             raise IFPError(f"cannot download {path}: {str(e).splitlines()[0][:200]}")
-    from .bundled import BUNDLED
+    names = f" (bundled models: {', '.join(_NAMED[1])})" if _NAMED else ""
+    raise IFPError(f"no such model folder: {path}{names}")
 
-    raise IFPError(f"no such model folder: {path} (bundled models: {', '.join(BUNDLED)})")
+
+# Names that stand for folders (the bundled models, converted on first use). The package root
+# wires ``bundled`` in here: this module cannot import it (bundled converts with the converter,
+# which loads ifp folders with this module).
+_NAMED: Optional[Tuple[Callable, Sequence[str]]] = None
+
+
+def register_names(resolve: Callable, names: Sequence[str]) -> None:
+    """``resolve(model)``: None or a name → its folder; anything else unchanged."""
+    global _NAMED
+    _NAMED = (resolve, list(names))
 
 
 def read_ifp_config(path: Path, name: Optional[str] = None) -> dict:
@@ -127,12 +138,8 @@ def load(
         from .distributed import check_policy
 
         check_policy(shard_policy)
-    from .bundled import bundled_model, default_model, is_bundled
-
-    if path is None:
-        path = default_model()
-    elif is_bundled(path):
-        path = bundled_model(path)
+    if _NAMED is not None:
+        path = _NAMED[0](path)
     name = str(path)
     path = _resolve(path)
     full_config = read_ifp_config(path, name)
@@ -237,17 +244,3 @@ def _attach_units(model: nn.Module, units: UnitFile, ffn_store: str, head) -> No
     store = FlashStore(units, templates, resident)
     model._ifp_attach(store, mlps, "dense")
     model.release()
-
-
-def set_ifp_entries(folder: Union[str, Path], **entries) -> None:
-    """Set entries of a model folder's ``ifp`` config (None removes one), atomically: the
-    predictor and the searched budget live there, beside the model they were made for."""
-    path = Path(folder) / "config.json"
-    config = read_json(path)
-    ifp = config.setdefault("ifp", {})
-    for key, value in entries.items():
-        if value is None:
-            ifp.pop(key, None)
-        else:
-            ifp[key] = value
-    write_json(path, config, indent=4)

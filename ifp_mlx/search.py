@@ -23,10 +23,10 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from tqdm import tqdm
 
+from .budget import check_keep
 from .errors import IFPError
 from .eval.methods import check_methods
 from .predictors import Scores, get_predictor
-from .selection import check_keep
 
 MIN_FIT = 20  # evaluated budgets the regressor needs at least (plus a held-out fifth)
 

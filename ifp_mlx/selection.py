@@ -7,56 +7,17 @@ MLPs by attribute assignment, so the next prompt can select again and ``dense()`
 original model exactly.
 """
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 
+from .budget import Budget, budget_units
 from .errors import IFPError
 from .model import find_ffns
 from .store import MemoryStore, install, layer_modules
-
-Budget = Union[float, Sequence[float], None]
-
-
-def check_keep(keep: float) -> float:
-    try:
-        keep = float(keep)
-    except (TypeError, ValueError):
-        raise IFPError(f"keep must be a number in (0, 1], not {keep!r}")
-    if not (0.0 < keep <= 1.0) or math.isnan(keep):
-        raise IFPError(f"keep must be in (0, 1], not {keep}")
-    return keep
-
-
-def is_dense(keep: Budget) -> bool:
-    """An explicit uniform keep of 1.0 (None means the folder's default budget, not dense)."""
-    return isinstance(keep, (int, float)) and float(keep) == 1.0
-
-
-def budget_units(keep: Budget, units: Sequence[int], block: int = 1) -> List[int]:
-    """Units to keep per layer: a uniform fraction, or an explicit per-layer list of fractions.
-
-    k is rounded to whole blocks of ``block`` units and is at least one block.
-    """
-    if keep is None:
-        keep = 1.0
-    if isinstance(keep, (int, float)):
-        fractions = [check_keep(keep)] * len(units)
-    else:
-        fractions = [check_keep(k) for k in keep]
-        if len(fractions) != len(units):
-            raise IFPError(
-                f"per-layer budget has {len(fractions)} entries, the model has {len(units)} FFN layers"
-            )
-    out = []
-    for f, n in zip(fractions, units):
-        blocks = max(1, round(f * n / block))
-        out.append(min(n, blocks * block))
-    return out
 
 
 def top_units(scores: mx.array, k: int, block: int = 1) -> np.ndarray:
@@ -270,7 +231,7 @@ class IFPMixin:
         folder's default (``ifp_mlx.calibrate.resolve``). With a ``cache`` the predictor may
         prefill it (see ``Selection.prefilled``).
         """
-        from .calibrate import resolve
+        from .budget import resolve
         from .predictors import get_predictor
 
         tokens = self.check_tokens(prompt_tokens)
@@ -341,6 +302,6 @@ class IFPMixin:
     def default_keep(self) -> Budget:
         """What ``keep=None`` means for the default predictor: the folder's searched per-layer
         budget, else the calibrated keep for its default quality target, else 0.5."""
-        from .calibrate import resolve
+        from .budget import resolve
 
         return resolve(self).keep

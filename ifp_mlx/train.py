@@ -22,12 +22,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from .errors import IFPError
-from .loading import set_ifp_entries
+from .budget import budget_units, check_keep
+from .errors import IFPError, set_ifp_entries
 from .model import dequantize, tap_ffns
 from .predictors.learned import PredictorConfig, PredictorHead, encode, save
 from .predictors.softtopk import hard_topk, straight_through
-from .selection import budget_units, check_keep, mask_diversity
+from .selection import mask_diversity
 
 Example = Tuple[List[int], List[int]]  # (prompt tokens, answer tokens)
 

@@ -352,7 +352,7 @@ MUTANTS = [
     M(
         "guard-any-host",
         "ifp_mlx/serve/guard.py",
-        "        if not self.host_ok(headers.get(\"host\", \"\")):\n",
+        '        if not self.host_ok(headers.get("host", "")):\n',
         "        if False:\n",
         ["tests/test_serve_guard.py", "-k", "rebinding"],
         "a DNS-rebinding page served",

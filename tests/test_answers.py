@@ -223,7 +223,7 @@ def test_bench_answers_cli(tiny_q4, tmp_path, capsys):
 
 def test_folder_rescore_setting_and_auto_store(tmp_path, capsys):
     from ifp_mlx.apps import generate
-    from ifp_mlx.loading import set_ifp_entries
+    from ifp_mlx.errors import set_ifp_entries
 
     convert(make_tiny_hf("llama", tmp_path / "hf", seed=3), tmp_path / "m", progress=False)
     folder = tmp_path / "m"

@@ -2,7 +2,6 @@
 prompts, token ids and damaged folders. Anything a user gets wrong is one clear line."""
 
 import json
-import math
 import os
 import random
 import shutil

@@ -3,10 +3,9 @@
 import pytest
 
 import ifp_mlx
-from ifp_mlx.calibrate import Curve, resolve
+from ifp_mlx.budget import Curve, resolve
 from ifp_mlx.convert import convert
-from ifp_mlx.errors import IFPError
-from ifp_mlx.loading import set_ifp_entries
+from ifp_mlx.errors import IFPError, set_ifp_entries
 from tests.helpers import make_tiny_hf
 
 CURVE = {"keeps": [0.2, 0.5, 0.75, 1.0], "kl": [2.0, 1.0, 0.4, 0.0], "agree": [0.3, 0.5, 0.7, 1.0]}
@@ -138,7 +137,7 @@ def test_chat_banner_and_commands(calibrated):
 
 
 def test_protected_layers_turn_a_mean_keep_into_a_budget():
-    from ifp_mlx.calibrate import protected_budget
+    from ifp_mlx.budget import protected_budget
 
     assert protected_budget(0.6, [2, 2], 30) == [1.0] * 2 + [(18 - 4) / 26] * 26 + [1.0] * 2
     assert protected_budget(0.05, [2, 2], 30)[5] == 0.01  # the rest never drops below 1 %

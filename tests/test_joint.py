@@ -54,9 +54,10 @@ def _train(folder, out, stage, **kw):
 def _logits_under(model, trainer):
     """Logits of the adapted (unfused) model, its FFN units masked by its own predictor at
     keep 0.5 (the sliced model equals the masked one: tested in test_selection)."""
+    from ifp_mlx.budget import budget_units
     from ifp_mlx.model import tap_ffns
     from ifp_mlx.predictors.learned import LearnedPredictor
-    from ifp_mlx.selection import budget_units, top_units
+    from ifp_mlx.selection import top_units
 
     scores = LearnedPredictor(trainer.head).score(model, PROMPT, None).scores
     kept, masks = [], []

@@ -9,8 +9,7 @@ import pytest
 
 import ifp_mlx
 from ifp_mlx.convert import convert
-from ifp_mlx.errors import IFPError
-from ifp_mlx.loading import set_ifp_entries
+from ifp_mlx.errors import IFPError, set_ifp_entries
 from ifp_mlx.predictors.learned import PredictorConfig, PredictorHead, save
 from tests.helpers import make_tiny_hf, read_config
 

@@ -9,6 +9,7 @@ from scipy.stats import spearmanr
 
 import ifp_mlx
 from ifp_mlx.apps import search as search_app
+from ifp_mlx.budget import budget_units
 from ifp_mlx.errors import IFPError
 from ifp_mlx.eval.methods import method_names
 from ifp_mlx.search import (
@@ -20,7 +21,6 @@ from ifp_mlx.search import (
     sample,
     target_units,
 )
-from ifp_mlx.selection import budget_units
 from tests.helpers import cli_error
 
 FAST = ["--samples", "20", "--rank", "300", "--top", "3", "--n-calib", "2"]

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import ifp_mlx
+from ifp_mlx.budget import budget_units
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError
 from ifp_mlx.model import UnitLinear, dequantize, find_ffns, tap_ffns
 from ifp_mlx.predictors.activation import ActivationPredictor
-from ifp_mlx.selection import Selection, budget_units, top_units
+from ifp_mlx.selection import Selection, top_units
 from tests.helpers import griffin_scores, make_tiny_hf, torch_unit_activations
 
 TOKENS = [5, 17, 40, 9, 33, 70, 12, 88, 41, 6, 23, 54]

@@ -16,7 +16,6 @@ from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError
 from ifp_mlx.model import find_ffns
 from ifp_mlx.predictors.activation import ActivationPredictor
-from ifp_mlx.selection import Selection
 from tests.helpers import make_tiny_hf, read_config
 
 TOKENS = [5, 17, 40, 9, 33, 70, 12, 88, 41, 6, 23, 54]

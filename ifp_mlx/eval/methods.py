@@ -16,11 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+from ..budget import Budget, check_keep, is_dense
 from ..errors import IFPError
 from ..model import find_ffns, tap_ffns
 from ..predictors import Scores, available
 from ..predictors.activation import ActivationPredictor
-from ..selection import Budget, check_keep, is_dense
 
 Prepared = Tuple[list, int]  # (KV cache, prompt tokens already in it)
 COMP = "ifp-activation-comp"  # with the dropped units' compensation bias (ablation)

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
-from ..calibrate import check_max_kl
+from ..budget import check_max_kl
 from ..errors import IFPError
 from ..model import dequantize
 from ..selection import mask_diversity
@@ -257,7 +257,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
 def auto_jobs(model, methods, max_kls) -> list:
     """``keep="auto"`` rows: for each quality target, the mean keep the folder's calibration
     (made on the calib split) picks, so the row's held-out KL can be checked against it."""
-    from ..calibrate import curve_of
+    from ..budget import curve_of
 
     jobs = []
     for name in methods if max_kls else []:

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..model import tap_ffns
-from . import Compensation, Scores, register, report_prefill
+from .base import Compensation, Scores, register, report_prefill
 
 PREFILL_STEP = 512
 

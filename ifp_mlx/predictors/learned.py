@@ -22,7 +22,7 @@ import mlx.nn as nn
 
 from ..errors import IFPError
 from ..paths import inside
-from . import Scores, register
+from .base import Scores, register
 
 WEIGHTS = "predictor.safetensors"
 

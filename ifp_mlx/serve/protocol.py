@@ -152,9 +152,9 @@ class Request:
 def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
                   context: Optional[int] = None) -> Request:  # fmt: skip
     """A validated request; ``context``: the model's context length (bounds max_tokens)."""
+    from ..budget import check_keep
     from ..chat import POLICIES
     from ..predictors import available
-    from ..selection import check_keep
 
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
