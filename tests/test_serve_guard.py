@@ -16,7 +16,7 @@ from tests.helpers import make_tiny_hf
 from tests.serving import KEY, Server, error
 
 MESSAGES = [{"role": "user", "content": "w5 w6 w7"}]
-CONTEXT = 256
+CONTEXT = 4096
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +139,16 @@ def test_idle_connections_are_closed_and_cannot_starve_the_server(server):
         tic = time.time()
         assert server.request("GET", "/health")[0] == 200
         assert time.time() - tic < 5
-        time.sleep(2.5)  # past --timeout 1.5
+        deadline = time.time() + 30  # --timeout is 1.5 s; a loaded machine accepts late
         closed = 0
         for s in socks:
-            s.settimeout(2)
+            s.settimeout(max(0.1, deadline - time.time()))
             try:
                 closed += s.recv(1) == b""
-            except (ConnectionResetError, socket.timeout):
-                closed += 0
+            except ConnectionResetError:
+                closed += 1
+            except socket.timeout:
+                pass
         assert closed == len(socks)
     finally:
         for s in socks:
@@ -156,7 +158,7 @@ def test_idle_connections_are_closed_and_cannot_starve_the_server(server):
 def test_a_request_whose_client_left_is_dropped_before_it_runs(server):
     """While one answer streams, a queued client hangs up: its request never runs."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    body = {"messages": MESSAGES, "max_tokens": CONTEXT - 20, "stream": True}
+    body = {"messages": MESSAGES, "max_tokens": CONTEXT - 20, "stream": True}  # seconds long
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
     res = conn.getresponse()
