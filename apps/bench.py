@@ -94,7 +94,7 @@ def main(argv=None) -> None:
             return run_answers(args)
         if args.cmd == "memory":
             return run_memory(args)
-        from ..bench import quant_quality
+        from ..bench.quant import quant_quality
 
         r = quant_quality(
             Path(args.source), Path(args.text), args.bits, args.group_size, args.max_tokens
@@ -138,7 +138,7 @@ def run_distributed(args) -> None:
         from ..bundled import model_path
 
         flags += ["--model", str(model_path(args.model).resolve())]
-    bench = [sys.executable, "-m", "ifp_mlx.dist_bench", *flags]
+    bench = [sys.executable, "-m", "ifp_mlx.bench.distributed", *flags]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (1, args.ranks):
@@ -184,7 +184,7 @@ def run_distributed(args) -> None:
 
 def run_serve(args) -> None:
     from ..errors import IFPError
-    from ..serve_load import run_serve_load
+    from ..bench.serve import run_serve_load
 
     if args.requests < 1 or args.clients < 1 or args.max_tokens < 1 or args.max_queue < 0:
         raise IFPError("--requests, --clients, --max-tokens must be ≥ 1, --max-queue ≥ 0")
@@ -206,7 +206,7 @@ def run_serve(args) -> None:
 def run_speed(args) -> None:
     from .. import load
     from ..budget import check_keep
-    from ..speed import speed
+    from ..bench.speed import speed
 
     for k in args.keep:
         check_keep(k)
@@ -238,7 +238,7 @@ def run_answers(args) -> None:
     import sys
 
     from .. import load
-    from ..bench import answers_bench
+    from ..bench.answers import answers_bench
     from ..budget import check_keep, check_max_kl
     from ..errors import IFPError
 
@@ -288,7 +288,7 @@ def run_answers(args) -> None:
 
 def run_policy(args) -> None:
     from .. import load
-    from ..bench import policies
+    from ..bench.policy import policies
     from ..budget import check_keep
 
     check_keep(args.keep)
@@ -305,7 +305,7 @@ def run_policy(args) -> None:
 
 def run_memory(args) -> None:
     from ..budget import check_keep
-    from ..memory import memory_bench, plot
+    from ..bench.memory import memory_bench, plot
 
     check_keep(args.keep)
     if args.keep == 1.0:

@@ -3,6 +3,8 @@
 python experiments/answers_sweep.py --model DIR --split test --settings default,k0.8,k0.9 --out results/answers-X.json
 Quality is measured on float copies of the weights (--dequantize: same values, fast on CPU);
 time ratios come from ``ifp-bench answers`` on the weights as shipped.
+
+Feeds docs/quality.md (the calib and test answer tables).
 """
 
 import argparse

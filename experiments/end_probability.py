@@ -3,6 +3,8 @@
 calib half of the short-answer set, with the folder's settings (protected layers, compensation).
 
 python experiments/end_probability.py [--model DIR] [--n 48] --out results/end-probability-X.json
+
+Feeds docs/quality.md (P(end of turn) per keep).
 """
 
 import argparse

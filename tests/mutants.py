@@ -205,7 +205,7 @@ MUTANTS = [
     ),
     M(
         "ideal-speedup-formula",
-        "ifp_mlx/speed.py",
+        "ifp_mlx/bench/speed.py",
         "    return 1.0 / (1.0 - f * (1.0 - keep))",
         "    return 1.0 / (1.0 - f * keep)",
         ["tests/test_bench.py"],
@@ -213,7 +213,7 @@ MUTANTS = [
     ),
     M(
         "byte-share-weights-only",
-        "ifp_mlx/speed.py",
+        "ifp_mlx/bench/speed.py",
         "    ffn = sum(v.nbytes for _, m in find_ffns(model) for _, v in tree_flatten(m.parameters()))",
         "    ffn = sum(m[k].weight.nbytes for _, m in find_ffns(model) for k in ('gate_proj', 'up_proj', 'down_proj'))",
         ["tests/test_bench.py", "-k", "speed_bench"],

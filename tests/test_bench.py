@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ifp_mlx.speed import ideal_speedup
+from ifp_mlx.bench.speed import ideal_speedup
 
 
 def test_ideal_speedup_formula():

@@ -191,7 +191,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, model_name: str = "", progress=T
     out["settings"]["methods"] = methods
 
     if "speed" in cfg.metrics:
-        from ..speed import speed
+        from ..bench.speed import speed
 
         pruned = [k for k in keeps if k < 1.0]
         out["speed"] = speed(

@@ -1,8 +1,10 @@
-"""Does a learned predictor use the prompt? (``python results/prompt_ablation.py MODEL_DIR``)
+"""Does a learned predictor use the prompt? (``python experiments/prompt_ablation.py MODEL_DIR``)
 
 Compares, on the ``ifp-eval`` chat prompts (ShareGPT ``test``, 16), the predictor's per-prompt
 masks with the one mask it gives the *mean* features of 64 training prompts, used for every
 prompt. Equal losses mean the predictor collapsed to a static mask.
+
+Feeds docs/evaluation.md (does the learned predictor use the prompt).
 """
 
 import sys

@@ -1,11 +1,13 @@
 """Scoring on the quantized model's own activations vs on the float model's.
 
-    python results/own_activations.py QUANTIZED_DIR FLOAT_DIR [OUT_JSON]
+    python experiments/own_activations.py QUANTIZED_DIR FLOAT_DIR [OUT_JSON]
 
 The activation predictor scores units on the model as loaded, so a 4-bit model is pruned by
 its own (quantized) activations. The alternative: score on the float model of the same source
 (same unit order) and apply those units to the quantized one. Both are measured here on the
 same held-out prompts (fidelity: KL / agreement to the quantized model's own dense answers).
+
+Feeds docs/quality.md ("Every free gain, measured": scoring on own activations).
 """
 
 import json

@@ -2,7 +2,7 @@
 quality at a keep, for both shard policies, on this rank (or on an unsharded model).
 
 Run by ``ifp-bench distributed`` once alone (1 rank) and once under ``mlx.launch`` (N ranks):
-``python -m ifp_mlx.dist_bench --model M --out OUT.json [--distributed] ...``; rank 0 writes.
+``python -m ifp_mlx.bench.distributed --model M --out OUT.json [--distributed] ...``; rank 0 writes.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from .eval.metrics import continue_logits, kl_agreement
+from ..eval.metrics import continue_logits, kl_agreement
 from .speed import decode_tps
 
 
@@ -26,7 +26,7 @@ def weight_bytes(model) -> int:
 
 def greedy(model, tokenizer, prompt: List[int], n: int) -> List[int]:
     """The dense model's own answer (``stream_generate`` waits for mlx-lm's look-ahead)."""
-    from .generate import stream_generate
+    from ..generate import stream_generate
 
     eos = set(tokenizer.eos_token_ids)
     steps = stream_generate(model, tokenizer, prompt, keep=1.0, max_tokens=n)
@@ -78,7 +78,7 @@ def measure(model, tokenizer, keep: float, prompts, answer_tokens: int, decode_t
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ifp_mlx.dist_bench")
+    p = argparse.ArgumentParser(prog="python -m ifp_mlx.bench.distributed")
     p.add_argument("--model")
     p.add_argument("--out", required=True)
     p.add_argument("--keep", type=float, default=0.5)
@@ -87,9 +87,9 @@ def main(argv=None) -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--distributed", action="store_true")
     args = p.parse_args(argv)
-    from . import load
-    from .apps.common import cli_errors
-    from .eval.data import chat_pairs
+    from .. import load
+    from ..apps.common import cli_errors
+    from ..eval.data import chat_pairs
 
     with cli_errors("ifp-bench distributed"):
         model, tokenizer = load(args.model, distributed=args.distributed)

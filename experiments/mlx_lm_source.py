@@ -1,7 +1,7 @@
 """An mlx-lm 4-bit folder as ifp-convert's source: what requantizing its down_proj unit-major
 costs, and what the alternative (selecting at the source's group granularity) would cost.
 
-    python results/mlx_lm_source.py HF_FP32_FOLDER  # writes results/mlx-lm-source-smollm2.json
+    python experiments/mlx_lm_source.py HF_FP32_FOLDER  # writes results/mlx-lm-source-smollm2.json
 
 1. mlx_lm.convert -q (4-bit, g64, float32) of SmolLM2's fp32 folder: the source.
 2. Held-out text loss (Shakespeare, 2048 tokens): the source through mlx_lm.load, ifp-convert of
@@ -10,6 +10,8 @@ costs, and what the alternative (selecting at the source's group granularity) wo
 3. The native-layout alternative keeps down_proj's groups along the units, so selection could
    only keep whole groups of 64 units: its cost is measured as KL to the dense model at keep 0.5
    (activation predictor) with block=64 vs block=1 selection, over 8 held-out chat prompts.
+
+Feeds docs/converting.md (an mlx-lm quantized folder as the source).
 """
 
 import json

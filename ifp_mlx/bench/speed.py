@@ -9,8 +9,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
-from .generate import prompt_tokens
-from .model import find_ffns
+from ..generate import prompt_tokens
+from ..model import find_ffns
 
 FILLER = (
     "The history of science is the study of how people came to understand the natural world. "

@@ -1,7 +1,7 @@
 """Memory benchmark: the dense model vs the memory and flash FFN stores, on one model.
 
 Peak RSS is per process, so every generation case runs in a fresh interpreter
-(``python -m ifp_mlx.memory CASE``) and reports its own ``ru_maxrss``; read bandwidth
+(``python -m ifp_mlx.bench.memory CASE``) and reports its own ``ru_maxrss``; read bandwidth
 (cold: the unit file evicted from the page cache first, warm: cached), read calls and
 decode speed with both stores over the same compact model are measured side by side in
 the calling process.
@@ -19,8 +19,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .errors import IFPError
-from .store import MAX_GAP_BYTES, read_spans, runs
+from ..errors import IFPError
+from ..store import MAX_GAP_BYTES, read_spans, runs
 
 PROMPT = "What is the capital of France? Answer in one sentence."
 CALIBRATION = (  # orders units by co-activation for the read-call comparison; not a bench prompt
@@ -38,8 +38,8 @@ def _peak_rss_mb() -> float:
 def run_case(folder: str, store: str, keep, max_tokens: int, predictor=None) -> dict:
     """One-shot generation in this process; what a user's process would peak at. ``keep``
     None with store ``auto`` is the default a user gets with no flags (the folder's settings)."""
-    from .generate import stream_generate
-    from .loading import load
+    from ..generate import stream_generate
+    from ..loading import load
 
     tic = time.perf_counter()
     model, tokenizer = load(folder or None, ffn_store=store)
@@ -63,7 +63,7 @@ def run_case(folder: str, store: str, keep, max_tokens: int, predictor=None) -> 
 
 
 def _subprocess_case(folder, store, keep, max_tokens, predictor) -> dict:
-    cmd = [sys.executable, "-m", "ifp_mlx.memory", folder or "", store, str(keep),
+    cmd = [sys.executable, "-m", "ifp_mlx.bench.memory", folder or "", store, str(keep),
            str(max_tokens), predictor or ""]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -90,9 +90,9 @@ def _cold_read_gbps(path: Path, chunk: int = 8 << 20) -> float:
 def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predictor=None) -> dict:
     """Cold/warm materialization, read calls (file order vs co-activation order) and decode
     tok/s of the memory and flash stores on the same selection, in this process."""
-    from .convert.layout import calibration_activations, coactivation_order
-    from .generate import prompt_tokens
-    from .loading import load
+    from ..convert.layout import calibration_activations, coactivation_order
+    from ..generate import prompt_tokens
+    from ..loading import load
     from .speed import decode_tps
 
     flash, tokenizer = load(folder or None, ffn_store="flash")
@@ -160,7 +160,7 @@ def flash_io(folder: str, keep: float, decode_tokens: int, rounds: int, predicto
 
 
 def _copy(sel):
-    from .selection import Selection
+    from ..selection import Selection
 
     return Selection(sel.indices, sel.units, sel.predictor)
 
@@ -173,9 +173,9 @@ def memory_bench(
     rounds: int = 3,
     predictor: Optional[str] = None,
 ) -> dict:
-    from .bundled import model_path
-    from .loading import _resolve, read_ifp_config
-    from .store import FileSpec
+    from ..bundled import model_path
+    from ..loading import _resolve, read_ifp_config
+    from ..store import FileSpec
 
     path = _resolve(model_path(folder or None))
     ifp = read_ifp_config(path)["ifp"]
@@ -233,7 +233,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # one case per process: python -m ifp_mlx.memory FOLDER STORE KEEP N
+if __name__ == "__main__":  # one case per process: python -m ifp_mlx.bench.memory FOLDER STORE KEEP N
     folder, store, keep, n, pred = sys.argv[1:6]
     res = run_case(folder, store, None if keep == "None" else float(keep), int(n), pred or None)
     print(json.dumps(res))
