@@ -1,8 +1,8 @@
 """``ifp-serve``: an OpenAI-compatible local server with per-request pruning.
 
-- ``protocol``: the settings, request validation and the OpenAI response bodies;
+- ``protocol``: the settings and request validation;
 - ``engine``: the worker thread that owns the model and its FIFO queue;
-- ``app``: the HTTP routes;
+- ``app``: the HTTP routes and the OpenAI response bodies;
 - ``guard``: what keeps web pages and connection floods out (the threat model is there).
 """
 

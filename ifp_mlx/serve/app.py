@@ -12,7 +12,7 @@ from typing import Any, Optional
 from ..errors import IFPError
 from .engine import Engine, Job, QueueFull
 from .guard import Guard
-from .protocol import BadRequest, ServeConfig, _Shape, check_depth, parse_request
+from .protocol import BadRequest, ServeConfig, check_depth, parse_request
 
 
 def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
@@ -179,6 +179,40 @@ def _lifespan(engine: Engine):
 def _unauthorized() -> BadRequest:
     return BadRequest("missing or wrong API key (Authorization: Bearer KEY)", status=401,
                       code="invalid_api_key", kind="authentication_error")  # fmt: skip
+
+
+class _Shape:
+    """OpenAI response and chunk bodies for one request."""
+
+    def __init__(self, rid: str, model: str, chat: bool):
+        self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(start: dict, done: dict) -> dict:
+        p, c = start["prompt_tokens"], done["completion_tokens"]
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def full(self, text: str, done: dict, start: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": done["finish_reason"], "logprobs": None}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"],
+                      "logprobs": None}  # fmt: skip
+        body = self._base("chat.completion" if self.chat else "text_completion")
+        return {**body, "choices": [choice], "usage": self.usage(start, done), "ifp": done["ifp"]}
+
+    def chunk(self, text: Optional[str], finish: Optional[str], first=False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text or ""} if first else (
+                {"content": text} if text else {})  # fmt: skip
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {**self._base("text_completion"), "choices": [choice]}
 
 
 def _stream_response(job: Job, shape: _Shape, start: dict, include_usage: bool):

@@ -1,8 +1,7 @@
-"""The OpenAI protocol of ifp-serve: the server's settings, request validation (every field
-checked before use: a bad request is a 4xx with an OpenAI-style error body, never a 500) and
-the response and chunk bodies."""
+"""The OpenAI protocol of ifp-serve: the server's settings and request validation (every field
+checked before use: a bad request is a 4xx with an OpenAI-style error body, never a 500). The
+response and chunk bodies are ``app._Shape``."""
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -225,37 +224,3 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
         stop=stop, stream=stream, include_usage=options.get("include_usage", False),
         keep=keep, predictor=predictor, policy=policy,
     )  # fmt: skip
-
-
-class _Shape:
-    """OpenAI response and chunk bodies for one request."""
-
-    def __init__(self, rid: str, model: str, chat: bool):
-        self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
-
-    def _base(self, obj: str) -> dict:
-        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(start: dict, done: dict) -> dict:
-        p, c = start["prompt_tokens"], done["completion_tokens"]
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def full(self, text: str, done: dict, start: dict) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": done["finish_reason"], "logprobs": None}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"],
-                      "logprobs": None}  # fmt: skip
-        body = self._base("chat.completion" if self.chat else "text_completion")
-        return {**body, "choices": [choice], "usage": self.usage(start, done), "ifp": done["ifp"]}
-
-    def chunk(self, text: Optional[str], finish: Optional[str], first=False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": text or ""} if first else (
-                {"content": text} if text else {})  # fmt: skip
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {**self._base("text_completion"), "choices": [choice]}
