@@ -85,6 +85,27 @@ def test_the_package_has_no_import_circles():
     assert cycle is None, " -> ".join(cycle)
 
 
+def unresolved(packages: Dict[str, Path] = PACKAGES) -> List[str]:
+    """Relative imports whose module is not ours (a module moved, an import left behind)."""
+    mods = modules(packages)
+    bad = []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                if target not in mods:
+                    bad.append(f"{name}: from {'.' * node.level}{node.module or ''} import ...")
+    return bad
+
+
+def test_every_relative_import_names_a_module_of_ours():
+    """Lazy imports run only when their function does: a moved module's stale ``from .x``
+    would wait in a benchmark until a user ran it."""
+    assert unresolved() == []
+
+
 def test_errors_is_the_ground_floor():
     """Errors (and the file helpers beside them) import nothing of ours."""
     assert graph()["ifp_mlx.errors"] == set()
@@ -111,3 +132,5 @@ def test_the_walker_finds_a_circle_introduced_on_purpose(tmp_path):
     (sub / "activation.py").write_text("from . import Scores\n")  # the registry loop
     cycle = find_cycle(graph({"ifp_mlx": pkg}))
     assert set(cycle) == {"ifp_mlx.predictors", "ifp_mlx.predictors.activation"}
+    (sub / "activation.py").write_text("def f():\n    from .chat import Conversation\n")
+    assert unresolved({"ifp_mlx": pkg}) == ["ifp_mlx.predictors.activation: from .chat import ..."]

@@ -18,7 +18,7 @@ def answers_bench(
     """Free-running greedy answers to the short-answer set, every setting against the same
     model dense, alternating per question in one run: right / ends / loops / length and the
     time to a complete answer (``ifp_mlx.eval.answers``)."""
-    from .eval.answers import compare, is_right, run_settings, short_answers, to_dict
+    from ..eval.answers import compare, is_right, run_settings, short_answers, to_dict
 
     qs = short_answers(split)[:n] if n else short_answers(split)
     if not qs:

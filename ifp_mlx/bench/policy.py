@@ -22,9 +22,9 @@ def policies(model, tokenizer, keep: float = 0.5, answer_tokens: int = 32) -> di
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from .chat import Conversation
-    from .eval.metrics import kl_agreement
-    from .generate import prompt_tokens
+    from ..chat import Conversation
+    from ..eval.metrics import kl_agreement
+    from ..generate import prompt_tokens
 
     out = {"keep": keep, "answer_tokens": answer_tokens, "conversations": len(CONVERSATIONS)}
     stats = {p: {"kl": [], "agree": [], "ttft2_ms": []} for p in ("first-turn", "per-turn")}
