@@ -94,9 +94,6 @@ UNSUPPORTED = {
     "prediction": (),
 }
 MAX_DEPTH = 32  # JSON nesting a request may have (the deepest real one is ~5)
-# The smallest temperature / top_p that sampling computes without overflow; below, the limit
-# (greedy / the top token) is what the caller asked for and what they get.
-MIN_TEMPERATURE = 1e-4
 
 
 def _unsupported(body: dict) -> None:
