@@ -197,9 +197,10 @@ def write_model_files(folder: Path, model: nn.Module) -> dict:
     """Write a model folder's weights: the FFN units into the unit-bundled file, everything
     else with mlx-lm's ``save_model`` (so the FFN bytes exist once on disk). Returns the
     ``ifp.ffn_store`` declaration."""
-    from mlx_lm.utils import save_model
+    from mlx_lm.utils import get_total_parameters
 
     folder = Path(folder)
+    total = get_total_parameters(model)  # of the whole model, FFN units included
     ffns = find_ffns(model)
     layers, offset = [], PAGE
     file_id = uuid.uuid4().hex
@@ -228,11 +229,32 @@ def write_model_files(folder: Path, model: nn.Module) -> dict:
     try:
         for (_, mlp), mods in zip(ffns, originals):
             install(mlp, template(mods))
-        save_model(folder, model)
+        _save_weights(folder, model, total)
     finally:
         for (_, mlp), mods in zip(ffns, originals):
             install(mlp, mods)
     return spec.to_dict()
+
+
+def _save_weights(folder: Path, model: nn.Module, total_parameters: int) -> None:
+    """mlx-lm's ``save_model`` layout (shards + index), written here because its parameter
+    count cannot read a quantized projection left with only a bias (a down_proj template)."""
+    import json
+
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import make_shards
+
+    weights = dict(tree_flatten(model.parameters()))
+    shards = make_shards(weights)
+    name = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values()),
+                          "total_parameters": total_parameters}, "weight_map": {}}  # fmt: skip
+    for i, shard in enumerate(shards):
+        file = name.format(i + 1, len(shards))
+        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+        index["weight_map"].update({k: file for k in shard})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
 # ---------------------------------------------------------------- reading

@@ -2,7 +2,8 @@
 reference). ``python -m tests.dist_worker MODEL OUT.json [--keep K] [--policy P] [--store S]``
 
 Each rank writes ``OUT.json`` with a ``.rank{r}`` suffix: the last-token logits of a dense
-forward pass, then the selection at ``--keep`` and the greedy tokens decoded from it.
+forward pass, then the selection at ``--keep`` and the tokens decoded from it
+(greedy, or sampled with ``--temp``).
 """
 
 import argparse
@@ -22,6 +23,8 @@ def main(argv=None) -> None:
     p.add_argument("--policy", default="global")
     p.add_argument("--store", default="memory")
     p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--predictor", default="activation")
+    p.add_argument("--temp", type=float, default=0.0, help="> 0: sample (no seed given)")
     p.add_argument("--single", action="store_true", help="one process, not sharded")
     args = p.parse_args(argv)
 
@@ -35,7 +38,7 @@ def main(argv=None) -> None:
     model.dense()
     dense = model(mx.array(PROMPT)[None])[0, -1].astype(mx.float32)
 
-    sel = model.select(PROMPT, keep=args.keep, predictor="activation")
+    sel = model.select(PROMPT, keep=args.keep, predictor=args.predictor)
     pruned = model(mx.array(PROMPT)[None])[0, -1].astype(mx.float32)
     # masked dense reference over the whole model, from the same selection
     model.dense()
@@ -46,7 +49,7 @@ def main(argv=None) -> None:
         masks.append(mx.array(m[local[0] : local[1]]))
     with tap_ffns(model, record=False, masks=masks):
         masked = model(mx.array(PROMPT)[None])[0, -1].astype(mx.float32)
-    greedy = _greedy(model, tok, args.keep, args.tokens)
+    greedy = _greedy(model, tok, args.keep, args.tokens, args.predictor, args.temp)
     out = {
         "rank": rank,
         "dense": np.asarray(dense).tolist(),
@@ -69,11 +72,14 @@ def _local_ranges(model):
     return [shard.local(i) for i in range(len(shard.units))]
 
 
-def _greedy(model, tok, keep, n):
-    from ifp_mlx.generate import stream_generate
+def _greedy(model, tok, keep, n, predictor, temp):
+    """The decoded tokens: greedy, or sampled at ``temp`` from the generator's state as loaded
+    (every rank must draw the same tokens without being given a seed)."""
+    from ifp_mlx.generate import make_sampler, stream_generate
 
-    return [r.token for r in stream_generate(model, tok, PROMPT, keep=keep,
-                                             predictor="activation", max_tokens=n)]  # fmt: skip
+    sampler = make_sampler(temp)
+    return [r.token for r in stream_generate(model, tok, PROMPT, keep=keep, sampler=sampler,
+                                             predictor=predictor, max_tokens=n)]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ def make_tiny_hf(family: str, folder: Path, seed: int = 0, safe: bool = True, **
     for key, value in config.items():
         setattr(cfg, key, value)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():  # non-trivial norms so mapping mistakes show
+    with torch.no_grad():  # non-trivial norms and biases so mapping mistakes show
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(folder))
     if not safe:  # transformers 5 writes safetensors only; a .bin is a plain torch.save
@@ -160,3 +160,30 @@ def cli_error(main, argv, capsys, prog: str) -> str:
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and err.startswith(f"{prog}: error:") and "\n" not in err, err
     return err
+
+
+def make_tiny_nas(folder: Path, seed: int = 0) -> Path:
+    """A random tiny nemotron-nas model (an mlx-lm family whose FFN layers differ in size:
+    256 and 512 units), saved as a Hugging Face folder (config + safetensors + tokenizer)."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    blocks = [{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": m}} for m in (1.0, 7.0)]
+    config = dict(model_type="nemotron-nas", architectures=["DeciLMForCausalLM"], hidden_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                  block_configs=blocks, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2, mlp_bias=True)  # fmt: skip
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    weights = {k: v + 0.1 * mx.random.normal(v.shape) if "norm" in k else v
+               for k, v in tree_flatten(model.parameters())}  # fmt: skip
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer(folder)
+    return folder

@@ -6,6 +6,7 @@ import ifp_mlx
 from ifp_mlx.budget import Curve, resolve
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError, set_ifp_entries
+from ifp_mlx.eval.data import sharegpt
 from tests.helpers import make_tiny_hf
 
 CURVE = {"keeps": [0.2, 0.5, 0.75, 1.0], "kl": [2.0, 1.0, 0.4, 0.0], "agree": [0.3, 0.5, 0.7, 1.0]}
@@ -184,6 +185,8 @@ def test_ifp_calibrate_measures_and_stores_the_curve(folder, capsys):
         assert curve.kl[-1] == 0.0 and curve.agree[-1] == 1.0
         assert min(curve.kl[:2]) > 0 and curve.agree[0] < 1  # a random tiny model: no trend
         assert curve.prompts == 3 and len(curve.ids) == 3
+        test_ids = {ex.id for ex in sharegpt("test")}  # quality is reported there: never here
+        assert test_ids and set(curve.ids).isdisjoint(test_ids)
         assert ifp["protect"] == [1, 0] and ifp["default_max_kl"] == 0.3
         out = capsys.readouterr().out
         assert "--max-kl 0.5: keep" in out and str(folder.parent) not in out
@@ -216,3 +219,18 @@ def test_eval_rows_at_keep_auto(calibrated, tmp_path):
         set_ifp_entries(calibrated, calibration=None)
         eval_app.main(["--model", str(calibrated), "--quick", "--max-kls", "1",
                        "--out", str(tmp_path)])  # fmt: skip
+
+
+def test_calibrating_leaves_the_dense_model(folder):
+    """``calibrate`` prunes at every keep it measures; the model it hands back is dense."""
+    import mlx.core as mx
+
+    from ifp_mlx.calibrate import CalibrationConfig, calibrate
+
+    model, tok = ifp_mlx.load(folder)
+    x = mx.array([[5, 17, 40, 9, 33]])
+    dense = model(x)
+    cfg = CalibrationConfig(keeps=[0.3, 0.6], n_prompts=2, tokens=4, dequantize=False)
+    curve = calibrate(model, tok, "activation", cfg, progress=False)
+    assert curve.keeps == [0.3, 0.6, 1.0] and model.selection is None
+    assert mx.array_equal(model(x), dense).item()

@@ -338,8 +338,17 @@ def test_a_repo_id_converts_offline_from_the_hub_cache(tmp_path):
     import subprocess
     import sys
 
+    import numpy as np
+
+    import ifp_mlx
+    from tests.helpers import mlx_logits
+
     src = make_tiny_hf("llama", tmp_path / "src", seed=9)
-    commit = _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", src)
+    _hub_cache(tmp_path / "hf", "tiny-org/tiny-llama", src)
+    # an older revision with other weights, beside main in the cache
+    old = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshots = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama" / "snapshots"
+    make_tiny_hf("llama", snapshots / old, seed=10)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
 
     def cli(*args):
@@ -349,8 +358,11 @@ def test_a_repo_id_converts_offline_from_the_hub_cache(tmp_path):
     res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / "config.json").is_file()
-    res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out2", "--revision", commit, "--no-progress")  # fmt: skip
+    res = cli("ifp_mlx.convert", "tiny-org/tiny-llama", "out2", "--revision", old, "--no-progress")  # fmt: skip
     assert res.returncode == 0, res.stderr
+    core.convert(snapshots / old, tmp_path / "want", progress=False)
+    got = [mlx_logits(ifp_mlx.load(tmp_path / d)[0], [5, 6, 7]) for d in ("out", "out2", "want")]
+    assert np.array_equal(got[1], got[2]) and not np.allclose(got[0], got[1])  # that revision
     res = cli("ifp_mlx.convert", "tiny-org/absent", "out3", "--no-progress")
     assert res.returncode == 1 and "cannot get tiny-org/absent from the hub or its cache" in res.stderr  # fmt: skip
     res = cli("ifp_mlx.apps.generate", "--model", "tiny-org/tiny-llama", "--prompt", "w5")

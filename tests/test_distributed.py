@@ -17,7 +17,7 @@ import pytest
 import ifp_mlx
 from ifp_mlx.convert import convert
 from ifp_mlx.distributed import split
-from ifp_mlx.store import FileSpec
+from ifp_mlx.model import find_ffns
 from tests.helpers import make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +112,13 @@ def test_flash_store_ranks_read_only_their_own_units(tiny, tmp_path):
     one = worker(tiny / "q4", tmp_path / "one", "--store", "flash", single=True)[0]
     ranks = worker(tiny / "q4", tmp_path / "two", "--store", "flash")
     _check_against_single(one, ranks)
-    config = json.loads((tiny / "q4" / "config.json").read_text())
-    spec = FileSpec.from_dict(config["ifp"]["ffn_store"], tiny / "q4")
-    records = [layer.record for layer in spec.layers]
+    # a unit's bytes: its gate/up/down rows with their scales and biases, as loaded in memory
+    model, _ = ifp_mlx.load(tiny / "q4")
+    records = []
+    for _, mlp in find_ffns(model):
+        mods = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        size = sum(m[k].nbytes for m in mods for k in ("weight", "scales", "biases") if k in m)
+        records.append(size // mlp.gate_proj.weight.shape[0])
     for r in ranks:
         assert r["bytes_read"] == sum(k * b for k, b in zip(r["local_kept"], records))
     assert one["bytes_read"] == sum(r["bytes_read"] for r in ranks)
@@ -123,10 +127,10 @@ def test_flash_store_ranks_read_only_their_own_units(tiny, tmp_path):
 def test_balanced_policy_splits_the_work_evenly_and_its_kl_is_reported(tiny, tmp_path):
     glob = worker(tiny / "f32", tmp_path / "g")
     bal = worker(tiny / "f32", tmp_path / "b", "--policy", "balanced")
-    units = [len(i) for i in bal[0]["indices"]]
-    for layer, k in enumerate(units):
-        shares = [hi - lo for lo, hi in split(k, 2)]
-        assert [r["local_kept"][layer] for r in bal] == shares
+    for layer, idx in enumerate(bal[0]["indices"]):
+        k = len(idx)  # rank 0 takes the odd unit out, then each keeps its share of k
+        assert [r["local_kept"][layer] for r in bal] == [(k + 1) // 2, k // 2]
+        assert sum(i < 48 for i in idx) == (k + 1) // 2  # 96 units: rank 0 owns 0..47
     for r in bal:
         assert np.abs(np.array(r["pruned"]) - r["masked"]).max() <= 1e-4
     assert bal[0]["pruned"] == bal[1]["pruned"] and bal[0]["greedy"] == bal[1]["greedy"]
@@ -135,6 +139,53 @@ def test_balanced_policy_splits_the_work_evenly_and_its_kl_is_reported(tiny, tmp
     print(f"\nlast-token KL to dense at keep 0.5: global {kl_global:.4f}, "
           f"balanced {kl_balanced:.4f}")  # fmt: skip
     assert np.isfinite(kl_balanced) and kl_balanced > 0
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    """45 units a layer (ranks own 23 and 22), biases on gate/up/down, and a random learned
+    predictor head in the folder."""
+    import mlx.core as mx
+
+    from ifp_mlx.predictors.learned import PredictorConfig, PredictorHead, save
+
+    root = tmp_path_factory.mktemp("dist-odd")
+    src = make_tiny_hf("llama", root / "hf", seed=11, intermediate_size=45, mlp_bias=True)
+    out = root / "f32"
+    convert(src, out, progress=False)
+    mx.random.seed(5)
+    head = PredictorHead(PredictorConfig([45, 45], 64, 1, 16))
+    config = json.loads((out / "config.json").read_text())
+    config["ifp"]["predictor"] = save(head, out)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_odd_units_biases_and_the_balanced_policy(odd, tmp_path):
+    """Under ``balanced`` each rank keeps its own share of an odd k (23 + 22 units a layer):
+    the pruned model is the masked dense one, and down_proj's bias is added once."""
+    one = worker(odd, tmp_path / "one", "--keep", "0.6", single=True)[0]
+    bal = worker(odd, tmp_path / "b", "--keep", "0.6", "--policy", "balanced")
+    for r in bal:
+        assert np.abs(np.array(r["dense"]) - one["dense"]).max() <= 1e-4
+        assert np.abs(np.array(r["pruned"]) - r["masked"]).max() <= 1e-4
+        assert r["indices"] == bal[0]["indices"] and r["greedy"] == bal[0]["greedy"]
+    for layer, idx in enumerate(bal[0]["indices"]):
+        assert len(idx) == 27 == round(0.6 * 45)
+        assert [r["local_kept"][layer] for r in bal] == [14, 13]
+        assert sum(i < 23 for i in idx) == 14 and all(0 <= i < 45 for i in idx)
+        assert len(set(idx)) == 27
+
+
+def test_learned_predictor_and_sampling_on_ranks(odd, tmp_path):
+    """The learned head scores whole layers on every rank: the ranks select what one process
+    selects. Sampling without a seed: every rank draws the same tokens."""
+    one = worker(odd, tmp_path / "one", "--predictor", "learned", single=True)[0]
+    ranks = worker(odd, tmp_path / "two", "--predictor", "learned", "--temp", "1.0")
+    for r in ranks:
+        assert r["indices"] == one["indices"]
+        assert np.abs(np.array(r["pruned"]) - one["pruned"]).max() <= 1e-4
+    assert ranks[0]["greedy"] == ranks[1]["greedy"] and len(ranks[0]["greedy"]) == 8
 
 
 def test_generate_cli_under_mlx_launch_prints_the_single_process_answer_once(tiny):
