@@ -71,6 +71,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--predictor", help="activation | learned (default: the folder's chosen one, "
                    "else learned when it has a trained predictor, else activation)")  # fmt: skip
+    add_predictor_any(p)
     p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
     add_store_flag(p)
     add_distributed_flags(p)
@@ -78,6 +79,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_predictor_any(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictor-any", action="store_true",
+                   help="use the folder's learned predictor even if it was trained on other "
+                   "weights (another bit width or source); default: refuse it")  # fmt: skip
 
 
 def add_store_flag(p: argparse.ArgumentParser) -> None:
@@ -118,8 +125,9 @@ def load_model(args, prog: str):
 
     from .. import load
 
-    model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store, distributed=args.distributed,
-                            shard_policy=args.shard_policy)  # fmt: skip
+    model, tokenizer = load(args.model, ffn_store=args.ffn_store, verify_store=args.verify_store,
+                            distributed=args.distributed, shard_policy=args.shard_policy,
+                            predictor_any=getattr(args, "predictor_any", False))  # fmt: skip
     if args.distributed:
         shard = model.sharding
         if shard.size == 1:

@@ -4,7 +4,14 @@ import argparse
 import sys
 
 from ..errors import IFPError
-from .common import MODEL_HELP, add_distributed_flags, add_store_flag, cli_errors, keep_arg
+from .common import (
+    MODEL_HELP,
+    add_distributed_flags,
+    add_predictor_any,
+    add_store_flag,
+    cli_errors,
+    keep_arg,
+)
 
 
 def main(argv=None) -> None:
@@ -29,6 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep", type=keep_arg, default=None,
                    help="default budget of requests that give none (default: the folder's)")  # fmt: skip
     p.add_argument("--predictor", help="default predictor (activation | learned)")
+    add_predictor_any(p)
     p.add_argument("--policy", default="first-turn", help="default policy: first-turn | per-turn")
     add_store_flag(p)
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
@@ -58,7 +66,7 @@ def main(argv=None) -> None:
                           args.distributed, args.shard_policy, args.host, args.allowed_host,
                           args.allowed_origin, args.max_connections, args.timeout,
                           3 * args.timeout)  # fmt: skip
-        cfg.verify_store = args.verify_store
+        cfg.verify_store, cfg.predictor_any = args.verify_store, args.predictor_any
         engine = Engine(cfg)  # the model loads before the port opens
         if engine.rank != 0:  # rank 0 serves; this rank runs what it is told
             engine.thread.join()

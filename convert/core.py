@@ -320,18 +320,22 @@ def convert(
             "dtype": dtype,
             "quantization": quant,
             "permuted_units": permute_units_text is not None,
-            "source": Path(str(source)).name,
+            # an ifp-mlx folder converted again names the checkpoint it came from
+            "source": ckpt.config.get("ifp", {}).get("source") or Path(str(source)).name,
         }
         if predictor is None and ckpt.predictor is not None and permute_units_text is None:
-            from ..predictors.learned import load_head, save
+            from ..predictors.learned import load_head, save, weights_of
 
             source_ifp = read_json(ckpt.predictor / "config.json")["ifp"]
             head = load_head(ckpt.predictor, source_ifp["predictor"])
-            cfg["ifp"]["predictor"] = save(head, tmp)
+            cfg["ifp"]["predictor"] = save(head, tmp)  # still trained on the source's weights
+            cfg["ifp"]["predictor"]["trained_on"] = source_ifp["predictor"].get(
+                "trained_on", weights_of(source_ifp)
+            )
             if source_ifp.get("training"):
                 cfg["ifp"]["training"] = source_ifp["training"]
         if predictor is not None:
-            from ..predictors.learned import save
+            from ..predictors.learned import save, weights_of
             from .predictor import import_predictor
 
             hidden_size = int(cfg["hidden_size"])
@@ -339,6 +343,7 @@ def convert(
                 predictor, predictor_config, cfg["ifp"]["ffn_units"], hidden_size
             )
             cfg["ifp"]["predictor"] = save(head, tmp)
+            cfg["ifp"]["predictor"]["trained_on"] = weights_of(cfg["ifp"])  # the user says so
         cfg["ifp"]["ffn_store"] = write_model_files(tmp, model)
         save_config(cfg, tmp / "config.json")
         params = dict(tree_flatten(model.parameters()))

@@ -157,7 +157,7 @@ def read_ifp_folder(folder: Path) -> Checkpoint:
     from ..loading import load
     from ..model import dequantize, find_ffns
 
-    model, _ = load(folder)
+    model, _ = load(folder, predictor_any=True)  # its weights only
     dequantize(model)
     weights = dict(tree_flatten(model.parameters()))
     for path, _ in find_ffns(model):  # unit-major (units, hidden) back to (hidden, units)

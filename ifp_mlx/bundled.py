@@ -210,7 +210,7 @@ def _convert_default(bits: int, out: Path) -> None:
                 (out / name).write_bytes(data)
             set_ifp_entries(out, **kept)
         print(summary.line(), file=sys.stderr)
-    attach_predictor(out)  # same source, same unit order: fits every bit width
+    attach_predictor(out)  # used on the 4-bit weights it was trained on
     if bits == DEFAULT_BITS:
         attach_settings(out, SHIPPED / f"{folder_name(bits)}.ifp.json")
 
@@ -297,13 +297,17 @@ def attach_settings(folder: Path, shipped: Path) -> None:
 
 
 def attach_predictor(folder: Path) -> None:
-    """Give the converted bundled model the predictor trained for it (``ifp-train`` on the 4-bit
-    conversion; shipped as float16), unless the folder already has a predictor of its own."""
+    """Give the converted bundled model the shipped predictor (``ifp-train`` on the 4-bit
+    conversion; float16), unless the folder already has a predictor of its own. It names the
+    weights it was trained on: other bit widths refuse it unless ``--predictor-any``."""
     from .errors import read_json, set_ifp_entries
 
-    if read_json(folder / "config.json").get("ifp", {}).get("predictor"):
-        return
     entry = read_json(SHIPPED / f"{PREDICTOR_NAME}.predictor.json")
+    have = read_json(folder / "config.json").get("ifp", {}).get("predictor")
+    if have:  # the shipped head attached by an older ifp-mlx learns which weights it fits
+        if "trained_on" not in have and have.get("recipe") == entry["recipe"]:
+            set_ifp_entries(folder, predictor={**have, "trained_on": entry["trained_on"]})
+        return
     tmp = folder / f".{entry['file']}.tmp"
     tmp.write_bytes((SHIPPED / f"{PREDICTOR_NAME}.predictor.safetensors").read_bytes())
     tmp.replace(folder / entry["file"])

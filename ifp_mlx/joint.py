@@ -163,7 +163,7 @@ class JointTrainer(Trainer):
         from .convert.readers import copy_tokenizer_files
         from .convert.writer import atomic_folder
         from .errors import set_ifp_entries
-        from .predictors.learned import save
+        from .predictors.learned import save, weights_of
 
         if out is None:
             raise IFPError("joint training writes a new model folder: pass --out")
@@ -184,6 +184,7 @@ class JointTrainer(Trainer):
             save_config(config, tmp / "config.json")
             entry = save(self.head, tmp)
             entry["recipe"]["history"] = self.history
+            entry["trained_on"] = weights_of(ifp)  # trained together with these weights
             set_ifp_entries(tmp, predictor=entry, training=entry["recipe"])
         return entry
 

@@ -112,6 +112,7 @@ def load(
     distributed: bool = False,
     shard_policy: str = "global",
     verify_store: bool = False,
+    predictor_any: bool = False,
 ) -> Tuple[nn.Module, TokenizerWrapper]:
     """Load ``(model, tokenizer)`` from an ifp-mlx folder (default: the bundled SmolLM2).
 
@@ -131,6 +132,10 @@ def load(
     ``verify_store=True`` reads the unit file once and checks each layer's CRC-32 (written at
     convert time) before the load: damage at rest is found then, not as garbage answers. A
     file changed after the load is caught at the next select without it.
+
+    A learned predictor trained on other weights than the folder's (another bit width, another
+    source) is refused: the load fails with one line when it is the folder's default
+    predictor, else asking for it does. ``predictor_any=True`` uses it anyway.
     """
     if ffn_store not in FFN_STORES:
         raise IFPError(f"ffn_store must be one of {', '.join(FFN_STORES)}, not {ffn_store!r}")
@@ -189,10 +194,18 @@ def load(
     object.__setattr__(model, "_ifp_config", ifp_config)
     head = None
     if ifp_config.get("predictor"):
-        from .predictors.learned import load_head
+        from .predictors.learned import foreign, load_head
 
-        head = load_head(path, ifp_config["predictor"])
-        object.__setattr__(model, "_ifp_predictor", head)
+        reason = None if predictor_any else foreign(ifp_config["predictor"], ifp_config)
+        if reason is None:
+            head = load_head(path, ifp_config["predictor"])
+            object.__setattr__(model, "_ifp_predictor", head)
+        else:
+            refused = (f"{path}: {reason}; retrain it for these weights (ifp-train --model "
+                       f"{path}) or use it anyway with --predictor-any")  # fmt: skip
+            if ifp_config.get("default_predictor", "learned") == "learned":
+                raise IFPError(refused)
+            object.__setattr__(model, "_ifp_foreign_predictor", refused)
     if group is not None:
         from .distributed import same_everywhere, shard_model, sync_seed
 

@@ -23,9 +23,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from .budget import budget_units, check_keep
-from .errors import IFPError, set_ifp_entries
+from .errors import IFPError, read_json, set_ifp_entries
 from .model import dequantize, tap_ffns
-from .predictors.learned import PredictorConfig, PredictorHead, encode, save
+from .predictors.learned import PredictorConfig, PredictorHead, encode, save, weights_of
 from .predictors.softtopk import hard_topk, straight_through
 from .selection import mask_diversity
 
@@ -322,5 +322,6 @@ class Trainer:
         """Save the head beside the model and point the folder's ``ifp`` config at it."""
         entry = save(self.head, self.folder)
         entry["recipe"]["history"] = self.history
+        entry["trained_on"] = weights_of(read_json(self.folder / "config.json")["ifp"])
         set_ifp_entries(self.folder, predictor=entry)
         return entry

@@ -59,8 +59,10 @@ def test_quantized_folder_roundtrip(tmp_path):
     assert np.abs(q - f).max() <= 1e-4
 
 
-def test_permute_units_keeps_outputs(tmp_path):
-    src = make_tiny_hf("qwen2", tmp_path / "hf", seed=5)
+@pytest.mark.parametrize("family,extra", [("qwen2", {}), ("llama", {"mlp_bias": True})],
+                         ids=["qwen2", "llama-ffn-biases"])  # fmt: skip
+def test_permute_units_keeps_outputs(tmp_path, family, extra):
+    src = make_tiny_hf(family, tmp_path / "hf", seed=5, **extra)
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{(i * 7) % 90 + 3}" for i in range(200)))
     convert(src, tmp_path / "plain", progress=False)

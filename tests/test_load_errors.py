@@ -10,7 +10,7 @@ import pytest
 import ifp_mlx
 from ifp_mlx.convert import convert
 from ifp_mlx.errors import IFPError, set_ifp_entries
-from ifp_mlx.predictors.learned import PredictorConfig, PredictorHead, save
+from ifp_mlx.predictors.learned import PredictorConfig, PredictorHead, save, weights_of
 from tests.helpers import make_tiny_hf, read_config
 
 
@@ -91,6 +91,42 @@ def test_predictor_file_that_does_not_match_its_config(folder):
     refused(folder, "does not match its config")
 
 
+def test_a_predictor_trained_on_other_weights_is_refused(folder, capsys):
+    """Same shapes, other weights (here: it says it was trained on a 4-bit conversion)."""
+    from ifp_mlx.apps import generate
+
+    entry = read_config(folder)["ifp"]["predictor"]
+    q4 = {"bits": 4, "group_size": 64, "mode": "affine"}
+    edit_ifp(folder, predictor={**entry, "trained_on": {"source": "x.gguf", "quantization": q4}})
+    msg = refused(folder, "its learned predictor was trained on 4-bit g64 x.gguf weights, this "
+                  "folder holds float32 hf weights")  # fmt: skip
+    assert "--predictor-any" in msg and "ifp-train" in msg
+    model, _ = ifp_mlx.load(folder, predictor_any=True)
+    assert model.default_predictor == "learned" and model.select([5, 6, 7], 0.5).predictor == "learned"
+    edit_ifp(folder, default_predictor="activation")  # loads; asking for the head is refused
+    model, _ = ifp_mlx.load(folder)
+    assert model.select([5, 6, 7], 0.5).predictor == "activation"
+    with pytest.raises(IFPError, match="trained on 4-bit g64 x.gguf weights"):
+        model.select([5, 6, 7], 0.5, predictor="learned")
+    argv = ["--model", str(folder), "--prompt", "w5", "--max-tokens", "2", "--predictor", "learned"]
+    with pytest.raises(SystemExit):
+        generate.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on 4-bit g64" in err[0], err
+    generate.main(argv + ["--predictor-any"])
+    # its own weights: accepted
+    edit_ifp(folder, predictor={**entry, "trained_on": weights_of(read_config(folder)["ifp"])})
+    model, _ = ifp_mlx.load(folder)
+    assert model.select([5, 6, 7], 0.5, predictor="learned").predictor == "learned"
+
+
+def test_converting_again_keeps_the_weights_a_predictor_was_trained_on(made, tmp_path):
+    convert(made[1], tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32, progress=False)
+    refused(tmp_path / "q4", "trained on float32 hf weights, this folder holds 4-bit g32 hf")
+    convert(made[1], tmp_path / "f32", progress=False)  # the same weights: its predictor fits
+    assert ifp_mlx.load(tmp_path / "f32")[0].default_predictor == "learned"
+
+
 def test_predictor_made_for_another_model(folder):
     entry = read_config(folder)["ifp"]["predictor"]
     other = PredictorHead(PredictorConfig([128, 128], 64, encoder_layers=1, hidden=16))
@@ -129,6 +165,31 @@ def _truncate(path):
     ids=["truncated-shard", "garbled-shard", "no-weights", "index-missing-shard",
          "index-without-map", "no-tokenizer", "garbled-tokenizer", "damaged-tokenizer"],
 )  # fmt: skip
+def _two_shards(folder, damage_second=None):
+    """The folder's weights split over two shards with an index, as mlx-lm writes big models."""
+    import mlx.core as mx
+
+    weights = mx.load(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    index = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        mx.save_safetensors(str(folder / file), {n: weights[n] for n in part})
+        index.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
+
+def test_several_shards_load_and_each_is_checked(folder):
+    _two_shards(folder)
+    ifp_mlx.load(folder)
+    with open(folder / "model-00002-of-00002.safetensors", "ab") as f:
+        f.write(b"\0" * 16)
+    refused(folder, "model-00002-of-00002.safetensors: too long")
+    _truncate(folder / "model-00002-of-00002.safetensors")
+    refused(folder, "model-00002-of-00002.safetensors: truncated")
+
+
 def test_damaged_files_are_named(folder, damage, needle):
     damage(folder)
     msg = refused(folder, needle)
@@ -165,6 +226,9 @@ def test_a_tokenizer_of_another_model_is_refused_at_load(folder):
     tj["model"]["vocab"]["w9"] = 10**9
     (folder / "tokenizer.json").write_text(json.dumps(tj))
     refused(folder, "the tokenizer has token ids up to 1000000000, the model's vocabulary is 96")
+    tj["model"]["vocab"]["w9"] = 96  # one past the last row of the embedding
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    refused(folder, "the tokenizer has token ids up to 96, the model's vocabulary is 96")
 
 
 def test_cli_prints_one_line(folder):

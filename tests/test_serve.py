@@ -86,6 +86,60 @@ def test_a_conversation_reuses_its_cache_and_units(server):
                                        extra_body={"keep": 0.5, "policy": "per-turn"})  # fmt: skip
     assert r.model_extra["ifp"]["reselected"] and r.model_extra["ifp"]["reused_prompt_tokens"] > 50
 
+    # the same conversation, one turn on, asking for another keep: a new selection at it
+    messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": "w40 w41"}]  # fmt: skip
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=2,
+                                       extra_body={"keep": 0.25})  # fmt: skip
+    ifp = r.model_extra["ifp"]
+    assert ifp["reselected"] and ifp["keep"] == pytest.approx(0.25, abs=0.02)
+    assert ifp["reused_prompt_tokens"] > 50  # the prompt's cache is still the conversation's
+
+
+def test_a_stop_string_never_streams(server):
+    """A stop string that spans tokens: the stream holds its start back until it is sure, so
+    the streamed text is the non-streamed text, cut before the stop string."""
+    client = server.client()
+    full = client.completions.create(model="m", prompt="w5 w6", max_tokens=12).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 4]  # four characters: usually two tokens
+    assert len(stop) == 4 and full.index(stop) > 0
+    cut = client.completions.create(model="m", prompt="w5 w6", max_tokens=12, stop=stop)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+    chunks = list(client.completions.create(model="m", prompt="w5 w6", max_tokens=12,
+                                            stop=stop, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut.choices[0].text
+
+
+def test_max_completion_tokens_is_the_new_name_of_max_tokens(server):
+    client = server.client()
+    r = client.chat.completions.create(model="m", messages=MESSAGES, max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_a_body_without_content_length_is_still_bounded(server):
+    """Chunked bodies (no Content-Length) are read up to the same limit (0.05 MB here)."""
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 2}
+    status, answer, _ = server.request("POST", "/v1/chat/completions",
+                                       raw=iter([json.dumps(body).encode()]))  # fmt: skip
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+    big = json.dumps({**body, "messages": [{"role": "user", "content": "w5 " * 30000}]}).encode()
+    pieces = (big[i : i + 8192] for i in range(0, len(big), 8192))
+    err, _ = _error(server, 413, raw=pieces)
+    assert "over 0.05 MB" in err["message"]
+
+
+def test_a_seed_repeats_a_sampled_answer_and_zero_is_a_seed(server):
+    client = server.client()
+
+    def sample(seed):
+        return client.completions.create(model="m", prompt="w5 w6", max_tokens=16,
+                                          temperature=1.0, seed=seed).choices[0].text  # fmt: skip
+
+    first = sample(0)
+    others = {sample(None) for _ in range(3)}
+    assert sample(0) == first and len(others | {first}) > 1  # unseeded draws differ
+
 
 def test_dense_requests_match_ifp_generate(server, folder):
     client = server.client()

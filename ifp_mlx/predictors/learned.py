@@ -125,6 +125,40 @@ def encode(model: nn.Module, tokens, layers: int) -> mx.array:
     return mx.concatenate([h.mean(1), h[:, -1]], axis=-1)
 
 
+WEIGHT_KEYS = ("source", "dtype", "quantization", "permuted_units")
+
+
+def weights_of(ifp: dict) -> dict:
+    """The weights a head is trained on, as a folder's ``ifp`` block names them: source
+    checkpoint, dtype, quantization (bits, group size, down_proj's bits) and unit order. A head
+    learns what *these* weights need: on other ones it selects worse (measured: the head trained
+    on the 4-bit SmolLM2 loses to the activation predictor on the 8-bit weights)."""
+    return {k: ifp.get(k) for k in WEIGHT_KEYS}
+
+
+def describe_weights(w: dict) -> str:
+    q = w.get("quantization") or {}
+    kind = f"{q.get('bits')}-bit g{q.get('group_size')}" if q.get("bits") else str(w.get("dtype"))
+    if q.get("down_proj_bits"):
+        kind += f" (down_proj {q['down_proj_bits']}-bit)"
+    return f"{kind} {w.get('source')}" + (" with permuted units" if w.get("permuted_units") else "")
+
+
+def foreign(entry: dict, ifp: dict) -> Optional[str]:
+    """Why the head of ``entry`` does not belong to the folder's weights (None: it does, or it
+    predates ``trained_on`` and only its shape can be checked)."""
+    trained = entry.get("trained_on")
+    if trained is None:
+        return None
+    if not isinstance(trained, dict):
+        raise IFPError("the ifp.predictor entry is damaged (trained_on is not an object)")
+    mine = weights_of(ifp)
+    if {k: trained.get(k) for k in WEIGHT_KEYS} == mine:
+        return None
+    return (f"its learned predictor was trained on {describe_weights(trained)} weights, this "
+            f"folder holds {describe_weights(mine)} weights")  # fmt: skip
+
+
 def save(head: PredictorHead, folder: Path) -> dict:
     """Write the head beside the model; returns the ``ifp.predictor`` config entry."""
     mx.save_safetensors(str(Path(folder) / WEIGHTS), dict(_flat(head)))
@@ -170,7 +204,8 @@ class LearnedPredictor:
     def score(self, model: nn.Module, tokens: List[int], cache) -> Scores:
         head = self.head or model.__dict__.get("_ifp_predictor")
         if head is None:
-            raise IFPError("this model folder has no learned predictor (train one: ifp-train)")
+            refused = model.__dict__.get("_ifp_foreign_predictor")
+            raise IFPError(refused or "this model folder has no learned predictor (train one: ifp-train)")  # fmt: skip
         if head.cfg.units != model.ffn_units:
             raise IFPError("the learned predictor was trained for a different model")
         feats = encode(model, tokens, head.cfg.encoder_layers)

@@ -84,6 +84,7 @@ class Engine:
 
             self.model, self.tokenizer = load(self.cfg.model, ffn_store=self.cfg.ffn_store,
                                               verify_store=self.cfg.verify_store,
+                                              predictor_any=self.cfg.predictor_any,
                                               distributed=self.cfg.distributed,
                                               shard_policy=self.cfg.shard_policy)  # fmt: skip
             shard = getattr(self.model, "sharding", None)

@@ -31,6 +31,7 @@ class ServeConfig:
     body_timeout: float = 30.0  # seconds for a request body to arrive
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
     verify_store: bool = False  # check the unit file's checksums at load
+    predictor_any: bool = False  # a learned predictor trained on other weights is used
 
 
 class BadRequest(Exception):
