@@ -1,58 +1,75 @@
 """``ifp-bench``: benchmarks that print side-by-side numbers and write JSON."""
 
-import argparse
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_store_flag, cli_errors, keep_arg, model_name
+from .common import (
+    MODEL_HELP,
+    add_store_flag,
+    add_subcommand,
+    cli_errors,
+    keep_arg,
+    make_parser,
+    model_name,
+)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-bench", description="ifp-mlx benchmarks")
+    p = make_parser("ifp-bench", "ifp-mlx benchmarks")
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("quant", help="unit-major quantization vs mlx-lm's, held-out text loss")
+    q = add_subcommand(sub, "quant", help="unit-major quantization vs mlx-lm's, held-out text loss")
     q.add_argument("--source", required=True, help="HF folder (config.json + weights)")
     q.add_argument("--text", required=True, help="held-out plain-text file")
-    q.add_argument("--bits", type=int, nargs="+", default=[4, 8])
-    q.add_argument("--group-size", type=int, default=64)
-    q.add_argument("--max-tokens", type=int, default=2048)
-    q.add_argument("--json", default="results/bench-quant.json")
-    s = sub.add_parser("speed", help="dense vs pruned decode speed and TTFT split")
+    q.add_argument("--bits", type=int, nargs="+", default=[4, 8], help="bit widths compared")
+    q.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    q.add_argument("--max-tokens", type=int, default=2048, help="held-out text tokens scored")
+    q.add_argument("--json", default="results/bench-quant.json", help="where the results go (JSON)")
+    s = add_subcommand(sub, "speed", help="dense vs pruned decode speed and TTFT split")
     s.add_argument("--model", help=MODEL_HELP)
-    s.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.33])
-    s.add_argument("--prompt-tokens", type=int, default=1024)
-    s.add_argument("--decode-tokens", type=int, default=64)
+    s.add_argument(
+        "--keep", type=float, nargs="+", default=[0.5, 0.33], help="keeps measured beside dense"
+    )
+    s.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length for TTFT")
+    s.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per measurement")
     s.add_argument(
         "--predictor",
         help="default: the folder's (ifp.default_predictor, else learned if trained, else activation)",
     )
-    s.add_argument("--json", default="results/bench-speed.json")
+    s.add_argument("--json", default="results/bench-speed.json", help="where the results go (JSON)")
     add_store_flag(s)
-    pol = sub.add_parser("policy", help="multi-turn policies: first-turn vs per-turn")
+    pol = add_subcommand(sub, "policy", help="multi-turn policies: first-turn vs per-turn")
     pol.add_argument("--model", help=MODEL_HELP)
-    pol.add_argument("--keep", type=float, default=0.5)
-    pol.add_argument("--answer-tokens", type=int, default=32)
-    pol.add_argument("--json", default="results/bench-policy.json")
+    pol.add_argument("--keep", type=float, default=0.5, help="keep fraction")
+    pol.add_argument("--answer-tokens", type=int, default=32, help="tokens of each answer")
+    pol.add_argument(
+        "--json", default="results/bench-policy.json", help="where the results go (JSON)"
+    )
     add_store_flag(pol)
-    m = sub.add_parser("memory", help="peak memory and reads: dense vs memory vs flash store")
+    m = add_subcommand(sub, "memory", help="peak memory and reads: dense vs memory vs flash store")
     m.add_argument("--model", help=MODEL_HELP)
-    m.add_argument("--keep", type=float, default=0.5)
+    m.add_argument("--keep", type=float, default=0.5, help="keep fraction")
     m.add_argument("--max-tokens", type=int, default=32, help="tokens per one-shot answer")
-    m.add_argument("--decode-tokens", type=int, default=32)
-    m.add_argument("--rounds", type=int, default=3)
+    m.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
+    m.add_argument(
+        "--rounds", type=int, default=3, help="prompts measured (a fresh selection each)"
+    )
     m.add_argument(
         "--predictor",
         help="default: the folder's (ifp.default_predictor, else learned if trained, else activation)",
     )
-    m.add_argument("--json", default="results/bench-memory.json")
-    an = sub.add_parser("answers", help="free-running answers vs dense: right, ends, loops, "
+    m.add_argument(
+        "--json", default="results/bench-memory.json", help="where the results go (JSON)"
+    )
+    an = add_subcommand(sub, "answers", help="free-running answers vs dense: right, ends, loops, "
                         "length and time to a complete answer, in one run")  # fmt: skip
     an.add_argument("--model", help=MODEL_HELP)
     an.add_argument("--keep", type=lambda t: t if t == "default" else keep_arg(t), nargs="+",
                     default=["default"],
                     help="settings to compare with dense: 'default' (the folder's: no flags), "
                     "'auto', a fraction or a per-layer list (default: default)")  # fmt: skip
-    an.add_argument("--max-kl", type=float, help="quality target for keep 'auto'")
+    an.add_argument(
+        "--max-kl", type=float, help="quality target for keep 'auto' (default: the folder's)"
+    )
     an.add_argument("--rescore", type=int, nargs="+", default=[None],
                     help="reselect every N answer tokens (0 = off; default: the folder's)")  # fmt: skip
     an.add_argument("--dense-head", type=int, help="dense answer tokens before selecting (0 = "
@@ -62,24 +79,30 @@ def main(argv=None) -> None:
                     help="half of the short-answer set (test: reported; calib: for choosing)")  # fmt: skip
     an.add_argument("--n", type=int, help="questions (default: the whole split)")
     an.add_argument("--max-tokens", type=int, default=64, help="answer limit (default 64)")
-    an.add_argument("--json", default="results/bench-answers.json")
+    an.add_argument(
+        "--json", default="results/bench-answers.json", help="where the results go (JSON)"
+    )
     add_store_flag(an)
-    sv = sub.add_parser("serve", help="load test of ifp-serve: concurrent mixed requests")
+    sv = add_subcommand(sub, "serve", help="load test of ifp-serve: concurrent mixed requests")
     sv.add_argument("--model", help=MODEL_HELP)
-    sv.add_argument("--requests", type=int, default=200)
-    sv.add_argument("--clients", type=int, default=8)
-    sv.add_argument("--max-tokens", type=int, default=16)
-    sv.add_argument("--max-queue", type=int, default=8)
-    sv.add_argument("--json", default="results/bench-serve.json")
-    d = sub.add_parser("distributed", help="1 rank vs N ranks (mlx.launch, ring): tok/s, bytes "
+    sv.add_argument("--requests", type=int, default=200, help="requests sent in all")
+    sv.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    sv.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
+    sv.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue")
+    sv.add_argument(
+        "--json", default="results/bench-serve.json", help="where the results go (JSON)"
+    )
+    d = add_subcommand(sub, "distributed", help="1 rank vs N ranks (mlx.launch, ring): tok/s, bytes "
                        "per decoded token per rank, global vs balanced KL")  # fmt: skip
     d.add_argument("--model", help=MODEL_HELP)
-    d.add_argument("--keep", type=float, default=0.5)
+    d.add_argument("--keep", type=float, default=0.5, help="keep fraction")
     d.add_argument("--ranks", type=int, default=2, help="local processes under mlx.launch")
     d.add_argument("--prompts", type=int, default=8, help="held-out ShareGPT prompts for KL")
-    d.add_argument("--answer-tokens", type=int, default=32)
-    d.add_argument("--decode-tokens", type=int, default=32)
-    d.add_argument("--json", default="results/bench-distributed.json")
+    d.add_argument("--answer-tokens", type=int, default=32, help="tokens of each answer")
+    d.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per measurement")
+    d.add_argument(
+        "--json", default="results/bench-distributed.json", help="where the results go (JSON)"
+    )
     args = p.parse_args(argv)
     with cli_errors("ifp-bench"):
         if args.cmd == "distributed":
@@ -183,8 +206,8 @@ def run_distributed(args) -> None:
 
 
 def run_serve(args) -> None:
-    from ..errors import IFPError
     from ..bench.serve import run_serve_load
+    from ..errors import IFPError
 
     if args.requests < 1 or args.clients < 1 or args.max_tokens < 1 or args.max_queue < 0:
         raise IFPError("--requests, --clients, --max-tokens must be ≥ 1, --max-queue ≥ 0")
@@ -205,8 +228,8 @@ def run_serve(args) -> None:
 
 def run_speed(args) -> None:
     from .. import load
-    from ..budget import check_keep
     from ..bench.speed import speed
+    from ..budget import check_keep
 
     for k in args.keep:
         check_keep(k)
@@ -304,8 +327,8 @@ def run_policy(args) -> None:
 
 
 def run_memory(args) -> None:
-    from ..budget import check_keep
     from ..bench.memory import memory_bench, plot
+    from ..budget import check_keep
 
     check_keep(args.keep)
     if args.keep == 1.0:

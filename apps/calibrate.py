@@ -1,16 +1,14 @@
 """``ifp-calibrate``: measure a model folder's keep → quality curve and store it in the folder,
 so ``--keep auto --max-kl T`` (and the default) can pick the keep for a quality target."""
 
-import argparse
-
 from ..budget import check_keep
 from ..errors import IFPError
-from .common import MODEL_HELP, cli_errors, model_name
+from .common import MODEL_HELP, cli_errors, make_parser, model_name
 from .eval import _floats
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-calibrate", description=__doc__)
+    p = make_parser("ifp-calibrate", __doc__)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--predictor", help="activation | learned (default: the folder's default)")
     p.add_argument("--keeps", type=_floats, help="comma list (default 0.2, 0.25, ..., 1)")
@@ -18,10 +16,10 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, help="dense answer tokens per prompt (default 48)")
     p.add_argument("--protect", metavar="FIRST,LAST",
                    help="keep the first/last FFN layers whole (a keep is then the mean keep); "
-                   "stored in the folder, calibrated with it. 0,0 removes it")  # fmt: skip
+                   "stored in the folder, calibrated with it. 0,0 removes it (default: the folder's)")  # fmt: skip
     p.add_argument("--answers", type=_floats, metavar="KEEPS",
                    help="also measure free-running answers (right, ends, loops, length vs dense) "
-                   "at these keeps on the calib half of the short-answer set")  # fmt: skip
+                   "at these keeps on the calib half of the short-answer set (default: none)")  # fmt: skip
     p.add_argument("--n-answers", type=int, default=48, help="questions for --answers (default 48)")
     p.add_argument("--default-max-kl", type=float,
                    help="also make this KL target the folder's default (keep=None)")  # fmt: skip

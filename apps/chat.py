@@ -11,6 +11,7 @@ from .common import (
     cli_errors,
     keep_arg,
     load_model,
+    make_parser,
     printable,
     rank,
     read_text_streams,
@@ -83,9 +84,11 @@ def _read_line():
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-chat", description="Chat with a per-prompt pruned model.")
+    p = make_parser("ifp-chat", "Chat with a per-prompt pruned model.")
     add_model_flags(p)
-    p.add_argument("--system", help="system prompt")
+    p.add_argument(
+        "--system-prompt", "--system", dest="system", help="system message (default: none)"
+    )
     args = p.parse_args(argv)
     read_text_streams()
     with cli_errors("ifp-chat"):
@@ -101,6 +104,7 @@ def main(argv=None) -> None:
             args.policy,
             args.system,
             max_kl=args.max_kl,
+            max_kv_size=args.max_kv_size,
         )
         sampler = sampler_from(args)
     print(

@@ -30,6 +30,39 @@ def cli_errors(prog: str):
         raise SystemExit(1)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default shown after its meaning (unless the help says it already, or the
+    flag has none); descriptions in plain text (docstrings' RST markup removed)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings:
+            return text
+        if (
+            action.default is None
+            or action.default is False
+            or action.default in ([], argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def plain(text: str) -> str:
+    """Docstring text as a terminal shows it: ``x``, `x` and :role:`x` become x."""
+    import re
+
+    return re.sub(r"(?::\w+:)?`{1,2}([^`]+)`{1,2}", r"\1", text or "")
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=plain(description),
+                                   formatter_class=HelpFormatter)  # fmt: skip
+
+
+def add_subcommand(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+
 MODEL_HELP = (
     "ifp-mlx model folder, or a bundled model fetched and converted on first use: "
     "smollm2-135m (the default, 8-bit), qwen2.5-coder-0.5b, gemma3-270m"
@@ -67,18 +100,35 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="quality target for --keep auto: the expected KL (nats per token) to the dense "
-        "model's answers, from the folder's calibration (ifp-calibrate); implies --keep auto",
+        "model's answers, from the folder's calibration (ifp-calibrate); implies --keep auto "
+        "(default: none, or the folder's target under --keep auto)",
     )
     p.add_argument("--predictor", help="activation | learned (default: the folder's chosen one, "
                    "else learned when it has a trained predictor, else activation)")  # fmt: skip
     add_predictor_any(p)
-    p.add_argument("--policy", default="first-turn", help="first-turn | per-turn")
+    p.add_argument("--policy", default="first-turn",
+                   help="first-turn: select once per conversation; per-turn: every message")  # fmt: skip
     add_store_flag(p)
     add_distributed_flags(p)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_flags(p)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """mlx_lm.generate's names and meanings."""
+    p.add_argument("-m", "--max-tokens", type=int, default=512,
+                   help="most tokens of an answer")  # fmt: skip
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probabilities add up to "
+                   "this; 1 = off")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens; 0 = off")  # fmt: skip
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the top one; 0 = off")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampler (default: a fresh one)")  # fmt: skip
+    p.add_argument("--max-kv-size", type=int, default=None, metavar="N",
+                   help="keep the last N tokens in the KV cache (rotating; default: all)")  # fmt: skip
 
 
 def add_predictor_any(p: argparse.ArgumentParser) -> None:
@@ -174,10 +224,25 @@ def model_name(folder) -> str:
     return Path(folder).resolve().name if folder else "bundled SmolLM2-135M-Instruct 8-bit"
 
 
+def as_prompt(tokenizer, text: str, system=None, raw: bool = False):
+    """What the CLIs feed: the user's text as a chat (with a system message), or as it is
+    (``--ignore-chat-template``: its tokens, no template)."""
+    from ..errors import IFPError
+    from ..generate import clean_text
+
+    if not text.strip():
+        raise IFPError("empty prompt")
+    if raw:
+        return tokenizer.encode(clean_text((system + "\n" if system else "") + text))
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+
+
 def sampler_from(args):
     from ..generate import make_sampler
 
-    return make_sampler(args.temp, args.top_p, args.seed)
+    return make_sampler(args.temp, args.top_p, args.seed, args.top_k, args.min_p)
 
 
 # A terminal obeys escape sequences in what it prints: a model (or a hostile tokenizer) could
@@ -239,6 +304,12 @@ def check_flags(args) -> None:
         raise IFPError(f"--top-p must be in (0, 1], not {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise IFPError(f"--seed must be in 0 .. 2**64 - 1, not {args.seed}")
+    if args.top_k < 0:
+        raise IFPError(f"--top-k must be ≥ 0 (0 = off), not {args.top_k}")
+    if not 0 <= args.min_p <= 1:
+        raise IFPError(f"--min-p must be in [0, 1] (0 = off), not {args.min_p}")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise IFPError(f"--max-kv-size must be at least 1, not {args.max_kv_size}")
 
 
 LONG_PROMPT = 2048  # tokens: past this, say up front that the prefill takes a while

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import IFPError, write_json
-from .common import MODEL_HELP, cli_errors, model_name
+from .common import MODEL_HELP, cli_errors, make_parser, model_name
 
 LABELS = [  # (result key, header, format)
     ("chat_loss", "chat loss", "{:9.3f}"),
@@ -39,31 +39,33 @@ def _names(text: str):
 def main(argv=None) -> None:
     from ..eval.runner import METRICS
 
-    p = argparse.ArgumentParser(prog="ifp-eval", description=__doc__)
+    p = make_parser("ifp-eval", __doc__)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--methods", type=_names, help="comma list (default: all available)")
-    p.add_argument("--metrics", type=_names, help=f"comma list of {', '.join(METRICS)}")
+    p.add_argument("--metrics", type=_names,
+                   help=f"comma list of {', '.join(METRICS)} (default: all)")  # fmt: skip
     p.add_argument("--keeps", type=_floats, help="comma list (default 1,0.75,0.5,0.33,0.25)")
     p.add_argument("--max-kls", type=_floats,
-                   help="also rows at keep auto for these KL targets (needs ifp-calibrate)")  # fmt: skip
+                   help="also rows at keep auto for these KL targets (needs ifp-calibrate; default: none)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few-minute smoke run")
     p.add_argument("--dequantize", action="store_true",
                    help="quality metrics on float copies of quantized weights (same values; "
                    "much faster on CPU); speed is always measured on the model as loaded")  # fmt: skip
-    p.add_argument("--n-chat", type=int)
-    p.add_argument("--n-fidelity", type=int)
-    p.add_argument("--n-humaneval", type=int)
-    p.add_argument("--mmlu-limit", type=int)
-    p.add_argument("--n-text", type=int)
+    p.add_argument("--n-chat", type=int, help="chat-loss: ShareGPT test prompts (default 24)")
+    p.add_argument("--n-fidelity", type=int,
+                   help="fidelity: prompts whose dense answers are compared (default 12)")  # fmt: skip
+    p.add_argument("--n-humaneval", type=int, help="humaneval: problems run (default 8)")
+    p.add_argument("--mmlu-limit", type=int, help="mmlu: questions at most (default 57)")
+    p.add_argument("--n-text", type=int, help="text: held-out passages (default 8)")
     p.add_argument("--n-answers", type=int,
                    help="answers: short questions with gold answers (default 48)")  # fmt: skip
     p.add_argument("--n-open", type=int, help="answers: open ShareGPT prompts (default 8)")
     p.add_argument("--answer-tokens", type=int, help="answers: token limit (default 64)")
     p.add_argument("--rescore", type=int,
-                   help="answers: reselect every N answer tokens (activation methods)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+                   help="answers: reselect every N answer tokens (activation methods; default 0: off)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and data order")
     p.add_argument("--out", default="results/eval", help="results folder (JSON + PNG)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     args = p.parse_args(argv)
     with cli_errors("ifp-eval"):
         run(args)

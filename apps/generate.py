@@ -1,14 +1,15 @@
 """``ifp-generate``: answer one prompt with per-prompt FFN pruning and exit."""
 
-import argparse
 import sys
 
 from .common import (
     PrefillBar,
     add_model_flags,
+    as_prompt,
     check_flags,
     cli_errors,
     load_model,
+    make_parser,
     printable,
     rank,
     read_text_streams,
@@ -19,8 +20,11 @@ from .common import (
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-generate", description="Answer one prompt, pruned.")
-    p.add_argument("--prompt", required=True, help="the user message ('-' reads stdin)")
+    p = make_parser("ifp-generate", "Answer one prompt, pruned.")
+    p.add_argument("-p", "--prompt", required=True, help="the user message ('-' reads stdin)")
+    p.add_argument("--system-prompt", help="system message before the prompt (default: none)")
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="feed the prompt's text as it is, without the chat template")  # fmt: skip
     add_model_flags(p)
     p.add_argument("--rescore", type=int, default=None, metavar="N",
                    help="reselect every N answer tokens from prompt + answer so far (activation "
@@ -35,9 +39,8 @@ def main(argv=None) -> None:
 
         read_text_streams()
         model, tokenizer = load_model(args, "ifp-generate")
-        prompt = shared_input(
-            model, lambda: sys.stdin.read() if args.prompt == "-" else args.prompt
-        )
+        text = shared_input(model, lambda: sys.stdin.read() if args.prompt == "-" else args.prompt)
+        prompt = as_prompt(tokenizer, text, args.system_prompt, args.ignore_chat_template)
         last, bar = None, PrefillBar("ifp-generate")
         try:
             for resp in stream_generate(
@@ -51,6 +54,7 @@ def main(argv=None) -> None:
                 rescore=args.rescore,
                 dense_head=args.dense_head,
                 sampler=sampler_from(args),
+                max_kv_size=args.max_kv_size,
                 progress=bar,
             ):
                 bar.close()

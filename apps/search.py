@@ -1,20 +1,27 @@
 """``ifp-search``: search per-layer keep ratios with a GBDT accuracy predictor, write the winner
 into the model folder (the runtime's default budget from then on; uniform stays available)."""
 
-import argparse
 from pathlib import Path
 
 from ..errors import write_json
-from .common import MODEL_HELP, cli_errors
+from .common import MODEL_HELP, cli_errors, make_parser
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-search", description=__doc__)
+    p = make_parser("ifp-search", __doc__)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--method", help="static | ifp-activation | ifp-learned (default activation)")
-    for flag, typ in (("keep", float), ("low", float), ("high", float), ("samples", int),
-                      ("rank", int), ("top", int), ("n-calib", int), ("seed", int)):  # fmt: skip
-        p.add_argument(f"--{flag}", type=typ)
+    for flag, typ, meaning in (
+        ("keep", float, "average keep the budgets meet exactly, in units (default: 0.5)"),
+        ("low", float, "smallest keep of a layer (default: 0.2)"),
+        ("high", float, "largest keep of a layer (default: 0.9)"),
+        ("samples", int, "random budgets measured to fit the regressor (default: 200)"),
+        ("rank", int, "random budgets the regressor ranks (default: 10000)"),
+        ("top", int, "best-ranked budgets then measured (default: 5)"),
+        ("n-calib", int, "calibration prompts per measurement (default: 16)"),
+        ("seed", int, "seed of the random budgets (default: 0)"),
+    ):
+        p.add_argument(f"--{flag}", type=typ, help=meaning)
     p.add_argument("--cache", help="measurement cache, JSONL (default: MODEL/.ifp-search/)")
     p.add_argument("--out", help="report folder: search.json + plots (default: the cache's)")
     p.add_argument("--dequantize", action="store_true",

@@ -1,6 +1,5 @@
 """``ifp-serve``: an OpenAI-compatible local server with per-request pruning."""
 
-import argparse
 import sys
 
 from ..errors import IFPError
@@ -11,20 +10,23 @@ from .common import (
     add_store_flag,
     cli_errors,
     keep_arg,
+    make_parser,
 )
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-serve", description="Serve a pruned model over the "
-                                "OpenAI API (chat and text completions).")  # fmt: skip
+    p = make_parser("ifp-serve", "Serve a pruned model over the OpenAI API (chat and text "
+                    "completions).")  # fmt: skip
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
                    "%(default)s, this machine only; 0.0.0.0 is every interface)")  # fmt: skip
     p.add_argument("--port", type=int, default=8080, help="default: %(default)s")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (all but /health; default: no key)"
+    )
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name requests may use besides loopback's and --host "
-                   "(repeatable; '*' turns the check off)")  # fmt: skip
+                   "(repeatable; '*' turns the check off; default: none)")  # fmt: skip
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="a web page origin (https://app.example) allowed to call the server, "
                    "with CORS (repeatable; default: none, browsers are refused)")  # fmt: skip

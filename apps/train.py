@@ -1,29 +1,50 @@
 """``ifp-train``: train the learned sparsity predictor of a model folder (frozen LLM), or with
 ``--stage 1|2`` adapt the LLM and the predictor together into a new model folder."""
 
-import argparse
 from pathlib import Path
 
 from ..errors import IFPError
-from .common import cli_errors
+from .common import cli_errors, make_parser
+
+TUNABLES = (  # flag, type, meaning; the defaults are the preset's (ifp_mlx.train / .joint)
+    ("steps", int, "optimizer steps (cpu preset: 300; stages: 200)"),
+    ("batch", int, "examples per step (4)"),
+    ("lr", float, "learning rate of the predictor head (1e-3)"),
+    ("tau", float, "SoftTopK temperature on z-scored unit scores (0.5)"),
+    ("distill", float, "weight of KL(dense || pruned) on the answer (0)"),
+    ("encoder-layers", int, "model layers that read the prompt for the head (2)"),
+    ("n-train", int, "training prompts from ShareGPT's train split (1200)"),
+    ("n-val", int, "validation prompts (24)"),
+    ("val-every", int, "steps between validations and checkpoints (50)"),
+    ("seed", int, "seed of data order and initialization (0)"),
+    ("dense-frac", float, "stages: share of steps run dense (0.2)"),
+    ("init-scale", float, "size of the head's prompt-dependent part at step 0 (0.1)"),
+    ("oracle", float, "weight of fitting each example's oracle unit importances (cpu: 1.0)"),
+    ("lora-rank", int, "stages: rank of the LLM's LoRA adapters (8)"),
+    ("lora-lr", float, "stages: learning rate of the adapters (1e-4)"),
+    ("prefix", int, "stage 1: tokens of each text the mask is predicted from (64)"),
+)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="ifp-train", description=__doc__)
+    p = make_parser("ifp-train", __doc__)
     p.add_argument("--model", help="ifp-mlx model folder to train for (default: bundled SmolLM2)")
     p.add_argument("--preset", default="cpu", help="quick | cpu (≈50 min, SmolLM2) | full")
-    p.add_argument("--keep", type=float)
-    p.add_argument("--keep-max", type=float, help="train over keeps sampled in [keep, keep-max]")
+    p.add_argument("--keep", type=float,
+                   help="keep fraction trained for (default: 0.5; stages 1-2: 0.33)")  # fmt: skip
+    p.add_argument(
+        "--keep-max",
+        type=float,
+        help="train over keeps sampled in [keep, keep-max] (default: keep only; stages: 0.75)",
+    )
     p.add_argument("--stage", type=int, default=0,
                    help="0: predictor only, frozen LLM (default); 1: joint on plain text; "
                    "2: joint on instructions (needs a predictor in --model)")  # fmt: skip
-    p.add_argument("--out", help="stages 1 and 2: the new model folder to write")
-    for flag, typ in (("steps", int), ("batch", int), ("lr", float), ("tau", float),
-                      ("distill", float), ("encoder-layers", int), ("n-train", int),
-                      ("n-val", int), ("val-every", int), ("seed", int), ("dense-frac", float),
-                      ("init-scale", float), ("oracle", float), ("lora-rank", int),
-                      ("lora-lr", float), ("prefix", int)):  # fmt: skip
-        p.add_argument(f"--{flag}", type=typ)
+    p.add_argument(
+        "--out", help="stages 1 and 2: the new model folder to write (no default: required there)"
+    )
+    for flag, typ, meaning in TUNABLES:
+        p.add_argument(f"--{flag}", type=typ, help=f"{meaning} (default: the preset's)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: MODEL/.ifp-train)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     args = p.parse_args(argv)

@@ -3,36 +3,42 @@
 import argparse
 import sys
 
-from ..apps.common import cli_errors
+from ..apps.common import cli_errors, make_parser
+from .core import Q_BITS, Q_GROUP_SIZES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ifp-convert",
-        description="Convert a torch/safetensors/GGUF checkpoint into an ifp-mlx model folder.",
-    )
+    p = make_parser("ifp-convert",
+                    "Convert a torch/safetensors/GGUF checkpoint into an ifp-mlx model folder.")  # fmt: skip
     p.add_argument(
         "source", help="HF or ifp-mlx folder, .gguf, .safetensors/.bin/.pt file, or hub repo id"
     )
     p.add_argument("output", help="output folder (written atomically)")
-    p.add_argument("--config", help="config.json for a bare state dict")
+    p.add_argument("--config", help="config.json for a bare state dict (default: the source's)")
     p.add_argument("--tokenizer", help="folder with tokenizer files (default: the source's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the weights (with -q: of those left unquantized)")  # fmt: skip
     p.add_argument("-q", "--quantize", action="store_true", help="quantize weights")
-    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
-    p.add_argument("--q-down-bits", type=int, choices=[4, 8],
+    p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS, help="bits per weight with -q")
+    p.add_argument("--q-group-size", type=int, default=64, choices=Q_GROUP_SIZES,
+                   help="weights per quantization group with -q")  # fmt: skip
+    p.add_argument("--q-down-bits", type=int, choices=Q_BITS,
                    help="bits of the FFN down projections (default: --q-bits)")  # fmt: skip
     p.add_argument(
         "--permute-units",
         metavar="TEXT_FILE",
-        help="reorder FFN units by co-activation on this calibration text",
+        help="reorder FFN units by co-activation on this calibration text (default: off)",
     )
-    p.add_argument("--predictor", help="import a torch-trained predictor (state dict file)")
-    p.add_argument("--predictor-config", help="its JSON config (encoder_layers, hidden)")
-    p.add_argument("--revision", help="hub revision (for a repo id)")
+    p.add_argument(
+        "--predictor", help="import a torch-trained predictor (state dict file; default: none)"
+    )
+    p.add_argument(
+        "--predictor-config",
+        help="the predictor's JSON config (encoder_layers, hidden); needed with --predictor (no default)",
+    )
+    p.add_argument("--revision", help="hub revision of a repo id (default: main)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -39,7 +39,7 @@ from .readers import (
 from .writer import atomic_folder, check_output
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-Q_BITS = (4, 8)
+Q_BITS = (2, 3, 4, 5, 6, 8)  # what MLX's affine quantization packs
 Q_GROUP_SIZES = (32, 64, 128)
 
 
@@ -192,7 +192,7 @@ def keep_source_quantization(model: nn.Module, source: dict) -> None:
 
 
 def _nearest_quantization(q: dict):
-    """The source's bits and group size, or the nearest this layout supports (4/8 bits)."""
+    """The source's bits and group size, or the nearest this layout supports."""
     bits = q.get("bits") if q.get("bits") in Q_BITS else (8 if (q.get("bits") or 4) > 4 else 4)
     group = q.get("group_size") if q.get("group_size") in Q_GROUP_SIZES else 64
     return bits, group
@@ -202,7 +202,7 @@ def _check_options(dtype: str, quantize: bool, q_bits: int, q_group_size: int) -
     if dtype not in DTYPES:
         raise IFPError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize and q_bits not in Q_BITS:
-        raise IFPError(f"--q-bits must be 4 or 8, not {q_bits}")
+        raise IFPError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, not {q_bits}")
     if quantize and q_group_size not in Q_GROUP_SIZES:
         raise IFPError(f"--q-group-size must be 32, 64 or 128, not {q_group_size}")
 
@@ -254,7 +254,7 @@ def convert(
     output = Path(output)
     _check_options(dtype, quantize, q_bits, q_group_size)
     if q_down_bits is not None and (not quantize or q_down_bits not in Q_BITS):
-        raise IFPError("--q-down-bits needs -q and must be 4 or 8")
+        raise IFPError(f"--q-down-bits needs -q and must be one of {', '.join(map(str, Q_BITS))}")
     bits = (q_bits + 2 * 32 / q_group_size) if quantize else 8 * DTYPES[dtype].size
     check_output(output, force, int(1.05 * source_parameters(source) * bits / 8))
     if predictor is not None and permute_units_text is not None:

@@ -34,12 +34,12 @@ class PromptCache:
     trimmed back to the common prefix, or rebuilt when it cannot be trimmed (a rotated
     sliding-window cache)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, max_kv_size: Optional[int] = None):
+        self.model, self.max_kv_size = model, max_kv_size
         self.reset()
 
     def reset(self) -> None:
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, self.max_kv_size)
         self.tokens: List[int] = []
 
     @property
@@ -55,7 +55,7 @@ class PromptCache:
             if can_trim_prompt_cache(self.cache):
                 trim_prompt_cache(self.cache, extra)
             else:
-                self.cache, n = make_prompt_cache(self.model), 0
+                self.cache, n = make_prompt_cache(self.model, self.max_kv_size), 0
         return full[n:]
 
     def commit(self, full: List[int], generated: List[int], started: bool) -> None:
@@ -74,6 +74,7 @@ class Conversation:
     system: Optional[str] = None
     messages: List[dict] = field(default_factory=list)
     max_kl: Optional[float] = None  # quality target of keep="auto"
+    max_kv_size: Optional[int] = None  # a rotating KV cache of this many tokens (None: all)
 
     def __post_init__(self):
         check_policy(self.policy)
@@ -107,7 +108,7 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.prompt_cache = PromptCache(self.model)
+        self.prompt_cache = PromptCache(self.model, self.max_kv_size)
         self._selected = False
         self.model.release()
 

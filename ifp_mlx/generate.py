@@ -102,16 +102,17 @@ MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = 1e-6
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None):
-    """mlx-lm's sampler for (temp, top_p), taking the greedy limit for tiny values; ``seed``
-    (0 .. 2**64 - 1) seeds MLX's generator first."""
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+                 top_k: int = 0, min_p: float = 0.0):  # fmt: skip
+    """mlx-lm's sampler for (temp, top_p, top_k, min_p; 0 or 1 = off), taking the greedy limit
+    for tiny values; ``seed`` (0 .. 2**64 - 1) seeds MLX's generator first."""
     from mlx_lm.sample_utils import make_sampler as mlx_sampler
 
     if seed is not None:
         mx.random.seed(seed)
     if temp < MIN_TEMPERATURE or top_p < MIN_TOP_P:
         temp = 0.0
-    return mlx_sampler(temp=temp, top_p=top_p)
+    return mlx_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
 
 
 def context_length(model: nn.Module) -> Optional[int]:
@@ -233,14 +234,18 @@ def stream_generate(
     (``Rescorer``); None: the folder's ``ifp.rescore`` (0 = off). ``dense_head=H`` (activation
     predictor) writes the first H answer tokens with the dense model and selects from prompt +
     those tokens; None: the folder's ``ifp.dense_head`` (0 = select from the prompt).
-    ``kwargs`` go to mlx-lm (``sampler=``, ...).
+    ``max_kv_size=N``: a new cache keeps the last N tokens (rotating, as in mlx-lm). ``kwargs``
+    go to mlx-lm (``sampler=``, ...).
     """
     from .budget import budget_units, resolve
 
     tokens = model.check_tokens(prompt_tokens(tokenizer, prompt))
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise IFPError(f"max_tokens must be a whole number ≥ 1, not {max_tokens!r}")
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    kv = kwargs.pop("max_kv_size", None)
+    if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+        raise IFPError(f"max_kv_size must be a whole number ≥ 1, not {kv!r}")
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, kv)
     limit = context_length(model)
     used = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
     if limit and used + len(tokens) >= limit:

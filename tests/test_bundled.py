@@ -5,7 +5,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-
 from ifp_mlx import bundled
 from ifp_mlx.bundled import BUNDLED, Bundled
 

@@ -209,9 +209,11 @@ def test_bad_options(tiny_bin, tmp_path, capsys):
     assert "no such file" in run_cli(capsys, tmp_path / "nope", tmp_path / "out")
     with pytest.raises(core.IFPError, match="q-group-size"):
         core.convert(tiny_bin, tmp_path / "out", quantize=True, q_group_size=48)
-    for kw in ({"q_down_bits": 8}, {"quantize": True, "q_down_bits": 3}):
-        with pytest.raises(core.IFPError, match="--q-down-bits needs -q and must be 4 or 8"):
+    for kw in ({"q_down_bits": 8}, {"quantize": True, "q_down_bits": 7}):
+        with pytest.raises(core.IFPError, match="--q-down-bits needs -q and must be one of 2, 3, 4, 5, 6, 8"):  # fmt: skip
             core.convert(tiny_bin, tmp_path / "out", **kw)
+    with pytest.raises(core.IFPError, match="--q-bits must be one of 2, 3, 4, 5, 6, 8, not 7"):
+        core.convert(tiny_bin, tmp_path / "out", quantize=True, q_bits=7)
     assert not (tmp_path / "out").exists()
 
 

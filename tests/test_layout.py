@@ -11,7 +11,8 @@ from ifp_mlx.model import QuantizedUnitLinear, UnitLinear, dequantize, find_ffns
 from tests.helpers import make_tiny_hf, mlx_logits, read_config
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 64), (8, 128)])
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 32), (4, 64), (5, 32),
+                                             (6, 128), (8, 64), (8, 128)])  # fmt: skip
 def test_quantized_unit_slice_equals_dequantized_slice(bits, group_size):
     mx.random.seed(0)
     units, hidden = 48, 256

@@ -102,7 +102,9 @@ def test_a_predictor_trained_on_other_weights_is_refused(folder, capsys):
                   "folder holds float32 hf weights")  # fmt: skip
     assert "--predictor-any" in msg and "ifp-train" in msg
     model, _ = ifp_mlx.load(folder, predictor_any=True)
-    assert model.default_predictor == "learned" and model.select([5, 6, 7], 0.5).predictor == "learned"
+    assert (
+        model.default_predictor == "learned" and model.select([5, 6, 7], 0.5).predictor == "learned"
+    )
     edit_ifp(folder, default_predictor="activation")  # loads; asking for the head is refused
     model, _ = ifp_mlx.load(folder)
     assert model.select([5, 6, 7], 0.5).predictor == "activation"

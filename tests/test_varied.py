@@ -157,3 +157,22 @@ def test_a_selections_mask_marks_its_kept_units_layer_by_layer(uneven):
     assert mask.shape == (256 + 512,) and mask.sum() == sum(sel.kept) == 77 + 307
     assert np.array_equal(np.flatnonzero(mask[:256]), sel.indices[0])
     assert np.array_equal(np.flatnonzero(mask[256:]), sel.indices[1])
+
+
+@pytest.mark.parametrize("bits", [3, 6])
+def test_other_bit_widths_convert_load_and_slice(biased, bits, tmp_path):
+    """MLX packs 2-8 bits; a unit is still one row of each projection, whatever the width."""
+    from ifp_mlx.model import dequantize
+
+    convert(biased / "hf", tmp_path / "q", quantize=True, q_bits=bits, q_group_size=32,
+            progress=False)  # fmt: skip
+    memory, _ = ifp_mlx.load(tmp_path / "q")
+    flash, _ = ifp_mlx.load(tmp_path / "q", ffn_store="flash")
+    assert memory._ifp_config["quantization"]["bits"] == bits
+    floats = dequantize(ifp_mlx.load(tmp_path / "q")[0])
+    assert np.allclose(logits(memory), logits(floats), atol=1e-4)
+    a = memory.select(TOKENS, keep=0.5, predictor="activation")
+    b = flash.select(TOKENS, keep=0.5, predictor="activation")
+    assert all(np.array_equal(x, y) for x, y in zip(a.indices, b.indices))
+    assert np.array_equal(logits(flash), logits(memory))
+    assert np.allclose(logits(memory), masked(floats, a.indices), atol=1e-4)

@@ -233,7 +233,9 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":  # one case per process: python -m ifp_mlx.bench.memory FOLDER STORE KEEP N
+if (
+    __name__ == "__main__"
+):  # one case per process: python -m ifp_mlx.bench.memory FOLDER STORE KEEP N
     folder, store, keep, n, pred = sys.argv[1:6]
     res = run_case(folder, store, None if keep == "None" else float(keep), int(n), pred or None)
     print(json.dumps(res))
