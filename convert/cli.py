@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from ..apps.common import cli_errors, make_parser
+from ..errors import IFPError
 from .core import Q_BITS, Q_GROUP_SIZES
 
 
@@ -13,7 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", help="HF or ifp-mlx folder, .gguf, .safetensors/.bin/.pt file, or hub repo id"
     )
-    p.add_argument("output", help="output folder (written atomically)")
+    p.add_argument("output", nargs="?", help="output folder (written atomically)")
+    p.add_argument("--to-mlx-lm", metavar="OUT",
+                   help="instead: write the ifp-mlx folder SOURCE as a plain mlx-lm folder OUT "
+                   "(dense; mlx_lm.load and mlx_lm.generate run it; default: off)")  # fmt: skip
     p.add_argument("--config", help="config.json for a bare state dict (default: the source's)")
     p.add_argument("--tokenizer", help="folder with tokenizer files (default: the source's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -46,6 +50,14 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     with cli_errors("ifp-convert"):
         from .core import convert
+
+        if (args.output is None) == (args.to_mlx_lm is None):
+            raise IFPError("give an OUTPUT folder, or --to-mlx-lm OUT to export SOURCE (not both)")
+        if args.to_mlx_lm is not None:
+            from .export import to_mlx_lm
+
+            print(f"wrote {to_mlx_lm(args.source, args.to_mlx_lm, args.force)} (mlx-lm, dense)")
+            return
 
         summary = convert(
             args.source,

@@ -229,14 +229,14 @@ def write_model_files(folder: Path, model: nn.Module) -> dict:
     try:
         for (_, mlp), mods in zip(ffns, originals):
             install(mlp, template(mods))
-        _save_weights(folder, model, total)
+        save_weights(folder, model, total)
     finally:
         for (_, mlp), mods in zip(ffns, originals):
             install(mlp, mods)
     return spec.to_dict()
 
 
-def _save_weights(folder: Path, model: nn.Module, total_parameters: int) -> None:
+def save_weights(folder: Path, model: nn.Module, total_parameters: int) -> None:
     """mlx-lm's ``save_model`` layout (shards + index), written here because its parameter
     count cannot read a quantized projection left with only a bias (a down_proj template)."""
     import json
