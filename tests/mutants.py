@@ -54,7 +54,7 @@ MUTANTS = [
     M(
         "chat-no-rebuild",
         "ifp_mlx/chat.py",
-        "                self.cache, n = make_prompt_cache(self.model), 0\n",
+        "                self.cache, n = make_prompt_cache(self.model, self.max_kv_size), 0\n",
         "                pass\n",
         ["tests/test_chat.py", "-k", "trimmed"],
         "an untrimmable (rotating) cache reused as is",

@@ -152,22 +152,7 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
 
 
-@pytest.mark.parametrize(
-    "damage,needle",
-    [
-        (lambda f: _truncate(f / "model.safetensors"), "model.safetensors: truncated"),
-        (lambda f: (f / "model.safetensors").write_bytes(b"\xff" * 64), "not a readable safetensors"),
-        (lambda f: [(f / n).unlink() for n in ("model.safetensors", "model.safetensors.index.json")], "no model*.safetensors weights"),
-        (lambda f: (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-2.safetensors"}})), "lists model-2.safetensors, which is missing"),
-        (lambda f: (f / "model.safetensors.index.json").write_text("{}"), "no weight_map"),
-        (lambda f: (f / "tokenizer.json").unlink(), "missing tokenizer"),
-        (lambda f: (f / "tokenizer.json").write_text("{oops"), "garbled tokenizer file"),
-        (lambda f: (f / "tokenizer.json").write_text('{"model": 3}'), "cannot load the tokenizer"),
-    ],
-    ids=["truncated-shard", "garbled-shard", "no-weights", "index-missing-shard",
-         "index-without-map", "no-tokenizer", "garbled-tokenizer", "damaged-tokenizer"],
-)  # fmt: skip
-def _two_shards(folder, damage_second=None):
+def _two_shards(folder):
     """The folder's weights split over two shards with an index, as mlx-lm writes big models."""
     import mlx.core as mx
 
@@ -192,6 +177,21 @@ def test_several_shards_load_and_each_is_checked(folder):
     refused(folder, "model-00002-of-00002.safetensors: truncated")
 
 
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda f: _truncate(f / "model.safetensors"), "model.safetensors: truncated"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\xff" * 64), "not a readable safetensors"),
+        (lambda f: [(f / n).unlink() for n in ("model.safetensors", "model.safetensors.index.json")], "no model*.safetensors weights"),
+        (lambda f: (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-2.safetensors"}})), "lists model-2.safetensors, which is missing"),
+        (lambda f: (f / "model.safetensors.index.json").write_text("{}"), "no weight_map"),
+        (lambda f: (f / "tokenizer.json").unlink(), "missing tokenizer"),
+        (lambda f: (f / "tokenizer.json").write_text("{oops"), "garbled tokenizer file"),
+        (lambda f: (f / "tokenizer.json").write_text('{"model": 3}'), "cannot load the tokenizer"),
+    ],
+    ids=["truncated-shard", "garbled-shard", "no-weights", "index-missing-shard",
+         "index-without-map", "no-tokenizer", "garbled-tokenizer", "damaged-tokenizer"],
+)  # fmt: skip
 def test_damaged_files_are_named(folder, damage, needle):
     damage(folder)
     msg = refused(folder, needle)
