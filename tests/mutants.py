@@ -836,6 +836,23 @@ ROUND_TWO = [
         ["tests/test_load_errors.py", "-k", "converting_again"],
         "a requantized folder claims its predictor was trained on it",
     ),
+    # ---- logprobs in the server (#31)
+    M(
+        "logprobs-least-likely",
+        "ifp_mlx/serve/engine.py",
+        'np.argsort(-lp, kind="stable")[:top]',
+        'np.argsort(lp, kind="stable")[:top]',
+        ["tests/test_serve.py", "-k", "logprobs"],
+        "top_logprobs lists the least likely tokens",
+    ),
+    M(
+        "logprobs-stream-dropped",
+        "ifp_mlx/serve/app.py",
+        "shape.chunk(data, None, logprobs=shape.logprobs(pending, sent))",
+        "shape.chunk(data, None)",
+        ["tests/test_serve.py", "-k", "logprobs"],
+        "a stream loses the logprobs of its text chunks",
+    ),
 ]
 MUTANTS += ROUND_TWO
 

@@ -141,6 +141,59 @@ def test_a_seed_repeats_a_sampled_answer_and_zero_is_a_seed(server):
     assert sample(0) == first and len(others | {first}) > 1  # unseeded draws differ
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_logprobs_are_the_models_log_softmax_at_its_tokens(server, folder, keep):
+    """Each answer token's logprob (and the top alternatives) under the model that produced
+    it: the dense one, or the one pruned for this prompt (the same selection in-process)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import ifp_mlx
+    from ifp_mlx.generate import prompt_tokens
+
+    client = server.client()
+    r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, logprobs=True,
+                                       top_logprobs=3, extra_body={"keep": keep})  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    model, tok = ifp_mlx.load(folder)
+    prompt = prompt_tokens(tok, MESSAGES)
+    answer = [t.token for t in ifp_mlx.stream_generate(model, tok, MESSAGES, keep=keep,
+                                                       predictor="activation", max_tokens=6)]  # fmt: skip
+    # the model that answered: the prompt's KV entries from the predictor's dense prefill (all
+    # but its last token), then the pruned FFNs for the rest
+    cache = make_prompt_cache(model)
+    if keep < 1:
+        done = model.select(prompt, keep=keep, predictor="activation", cache=cache).prefilled
+    else:
+        model.dense()
+        done = 0
+    logits = model(mx.array(prompt[done:] + answer[:-1])[None], cache=cache)[0]
+    logits = logits[len(prompt) - done - 1 :].astype(mx.float32)
+    want = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    for i, c in enumerate(content):
+        assert c.logprob == pytest.approx(want[i, answer[i]], abs=1e-3)
+        best = np.argsort(-want[i])[:3]
+        got = [a.logprob for a in c.top_logprobs]
+        assert np.allclose(got, want[i, best], atol=1e-3), (i, got, want[i, best].tolist())
+        assert c.top_logprobs[0].logprob >= c.logprob - 1e-6  # greedy: the answer's own token
+    streamed = list(client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, stream=True,
+        extra_body={"keep": keep}))  # fmt: skip
+    got = [e for c in streamed if c.choices and c.choices[0].logprobs
+           for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert [e.token for e in got] == [c.token for c in content]
+    assert [e.logprob for e in got] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    legacy = client.completions.create(model="m", prompt="w5 w6", max_tokens=4, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == legacy.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(alt) <= 2 and v <= 0 for alt, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
 def test_dense_requests_match_ifp_generate(server, folder):
     client = server.client()
     r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10,

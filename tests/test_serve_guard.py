@@ -85,8 +85,9 @@ def test_a_post_must_be_json(server):
         ({"seed": 10**30}, "seed", None),
         ({"n": True}, "n", None),
         ({"n": 1.0}, "n", None),
-        ({"logprobs": True}, "logprobs", "unsupported"),
-        ({"top_logprobs": 3}, "top_logprobs", "unsupported"),
+        ({"logprobs": "yes"}, "logprobs", None),
+        ({"top_logprobs": 3}, "top_logprobs", None),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported"),
         ({"tool_choice": "required"}, "tool_choice", "unsupported"),
         ({"response_format": {"type": "json_object"}}, "response_format", "unsupported"),

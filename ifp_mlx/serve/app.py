@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from ..errors import IFPError
 from .engine import Engine, Job, QueueFull
 from .guard import Guard
@@ -115,7 +117,7 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
         shape = _Shape(rid, model_id, chat)
         if r.stream:
             return _stream_response(job, shape, start, r.include_usage)
-        text, done = "", None
+        text, done, scored = "", None, [] if r.logprobs else None
         try:
             while True:
                 try:
@@ -124,7 +126,9 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
                     if await request.is_disconnected():  # free the model for the others
                         job.cancelled.set()
                     continue
-                if kind == "text":
+                if kind == "logprobs":
+                    scored += data
+                elif kind == "text":
                     text += data
                 elif kind == "done":
                     done = data
@@ -134,7 +138,7 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
             job.cancelled.set()
         if done is None:
             return error(BadRequest("internal error", status=500, kind="server_error"))
-        return JSONResponse(shape.full(text, done, start))
+        return JSONResponse(shape.full(text, done, start, scored))
 
     async def chat_route(request):
         return await completions(request, True)
@@ -195,23 +199,39 @@ class _Shape:
         p, c = start["prompt_tokens"], done["completion_tokens"]
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def full(self, text: str, done: dict, start: dict) -> dict:
+    def logprobs(self, scored: Optional[list], offset: int = 0) -> Optional[dict]:
+        """OpenAI's logprobs object: chat's ``content`` list, or the legacy completions form
+        (``offset``: where these tokens' text starts in the answer)."""
+        if scored is None:
+            return None
+        if self.chat:
+            return {"content": scored, "refusal": None}
+        offsets = list(offset + np.cumsum([0] + [len(e["token"]) for e in scored[:-1]]))
+        return {
+            "tokens": [e["token"] for e in scored],
+            "token_logprobs": [e["logprob"] for e in scored],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in scored],
+            "text_offset": [int(o) for o in offsets] if scored else [],
+        }
+
+    def full(self, text: str, done: dict, start: dict, scored: Optional[list] = None) -> dict:
+        logprobs = self.logprobs(scored)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": done["finish_reason"], "logprobs": None}  # fmt: skip
+                      "finish_reason": done["finish_reason"], "logprobs": logprobs}  # fmt: skip
         else:
             choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"],
-                      "logprobs": None}  # fmt: skip
+                      "logprobs": logprobs}  # fmt: skip
         body = self._base("chat.completion" if self.chat else "text_completion")
         return {**body, "choices": [choice], "usage": self.usage(start, done), "ifp": done["ifp"]}
 
-    def chunk(self, text: Optional[str], finish: Optional[str], first=False) -> dict:
+    def chunk(self, text: Optional[str], finish: Optional[str], first=False, logprobs=None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else (
                 {"content": text} if text else {})  # fmt: skip
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return {**self._base("text_completion"), "choices": [choice]}
 
 
@@ -221,12 +241,16 @@ def _stream_response(job: Job, shape: _Shape, start: dict, include_usage: bool):
     async def events():
         try:
             yield {"data": json.dumps(shape.chunk("", None, first=True))}
+            pending, sent = None, 0  # logprobs of the text about to go out; its offset
             while True:
                 kind, data = await job.events.get()
-                if kind == "text":
-                    yield {"data": json.dumps(shape.chunk(data, None))}
+                if kind == "logprobs":
+                    pending = (pending or []) + data
+                elif kind == "text":
+                    yield {"data": json.dumps(shape.chunk(data, None, logprobs=shape.logprobs(pending, sent)))}  # fmt: skip
+                    pending, sent = None, sent + len(data)
                 elif kind == "done":
-                    last = shape.chunk(None, data["finish_reason"])
+                    last = shape.chunk(None, data["finish_reason"], logprobs=shape.logprobs(pending, sent))  # fmt: skip
                     last["ifp"] = data["ifp"]
                     if include_usage:
                         last["usage"] = None

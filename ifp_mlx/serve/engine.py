@@ -13,6 +13,9 @@ import time
 from dataclasses import asdict
 from typing import Any, Optional
 
+import mlx.core as mx
+import numpy as np
+
 from ..errors import IFPError
 from .protocol import Request, ServeConfig
 
@@ -150,6 +153,22 @@ class Engine:
 
         return broadcast_flag(self.group, stop)
 
+    def _scored(self, resp, top: int, before: list) -> dict:
+        """The token's log-probability under the model that produced it (pruned or dense: the
+        log-softmax of its logits), with the ``top`` most likely tokens at its place; each
+        token's text as it reads after the answer's last tokens ``before``."""
+        lp = np.asarray(resp.logprobs.astype(mx.float32))
+        base = self.tokenizer.decode(before) if before else ""
+
+        def entry(token: int) -> dict:
+            piece = self.tokenizer.decode(before + [token])[len(base) :]
+            return {"token": piece, "logprob": float(lp[token]),
+                    "bytes": list(piece.encode("utf-8"))}  # fmt: skip
+
+        out = entry(resp.token)
+        out["top_logprobs"] = [entry(int(i)) for i in np.argsort(-lp, kind="stable")[:top]]
+        return out
+
     def _generate(self, job: Job) -> None:
         from ..generate import make_sampler, prompt_tokens, stream_generate
 
@@ -179,6 +198,7 @@ class Engine:
         )  # fmt: skip
         generated, started, text, sent, finish = [], False, "", 0, None
         hold = max((len(s) for s in r.stop), default=1) - 1
+        scored, spans, told = [], [], 0  # logprobs: entries, (start, end) in text, sent
         tic = time.perf_counter()
         try:
             for resp in stream:
@@ -187,6 +207,9 @@ class Engine:
                     self.last, self.prev_prompt = settings, len(full)
                     job.emit("start", {"prompt_tokens": len(full), "reused": len(full) - len(new),
                                        "reselected": reselect})  # fmt: skip
+                if r.logprobs:
+                    scored.append(self._scored(resp, r.top_logprobs, generated[-3:]))
+                    spans.append((len(text), len(text) + len(resp.text)))
                 generated.append(resp.token)
                 text += resp.text
                 cut = min((i for i in map(text.find, r.stop) if i >= 0), default=-1)
@@ -195,6 +218,13 @@ class Engine:
                 elif resp.finish_reason:
                     finish = resp.finish_reason
                 end = len(text) if finish else max(sent, len(text) - hold)
+                if r.logprobs:  # the tokens of the text sent now (at the end: all that show)
+                    n = told
+                    while n < len(spans) and _shown(spans[n], end, finish):
+                        n += 1
+                    if n > told:
+                        job.emit("logprobs", scored[told:n])
+                        told = n
                 if end > sent:
                     job.emit("text", text[sent:end])
                     sent = end
@@ -210,6 +240,14 @@ class Engine:
             "ifp": _ifp_fields(stats, reselect, len(full) - len(new),
                                (time.perf_counter() - tic) * 1e3),
         })  # fmt: skip
+
+
+def _shown(span, end: int, finish: Optional[str]) -> bool:
+    """Whether a token whose text is ``span`` of the answer belongs with the text sent up to
+    ``end``: all of it is sent; at the end, any of it (a stop string cuts the rest)."""
+    if not finish:
+        return span[1] <= end
+    return finish != "stop" or span[0] < end
 
 
 def _ifp_fields(stats, reselected: bool, reused: int, total_ms: float) -> dict:

@@ -76,8 +76,6 @@ def _integer(body: dict, name: str, lo: int, default, hi: Optional[int] = None):
 # OpenAI fields this server does not implement: refused (400 "unsupported") unless they carry
 # their no-op value, so a client never believes it got logprobs, a tool call or JSON it did not.
 UNSUPPORTED = {
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (False, True),
@@ -144,6 +142,8 @@ class Request:
     predictor: Optional[str] = None
     policy: str = "first-turn"
     max_tokens_given: bool = True  # False: the server's default, cut to the context left
+    logprobs: bool = False  # each answer token's log-probability
+    top_logprobs: int = 0  # and the most likely tokens at its place
 
 
 def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
@@ -180,6 +180,17 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
             isinstance(t, int) and not isinstance(t, bool) for t in prompt)  # fmt: skip
         if not ids and not (isinstance(prompt, str) and prompt.strip()):
             raise BadRequest("'prompt' must be a non-empty string or list of token ids", "prompt")
+    if chat:
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise BadRequest("'logprobs' must be true or false", "logprobs")
+        top = _integer(body, "top_logprobs", 0, 0, 20)
+        if top and not logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = bool(logprobs)
+    else:  # the legacy field: how many alternatives per token (0: the tokens' own only)
+        top = _integer(body, "logprobs", 0, None, 5)
+        logprobs, top = top is not None, top or 0
     n = body.get("n", 1)
     if type(n) is not int or n != 1:
         raise BadRequest("only n = 1 is supported", "n")
@@ -220,5 +231,5 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
         seed=_integer(body, "seed", 0, None, 2**64 - 1),
         max_tokens_given=given,
         stop=stop, stream=stream, include_usage=options.get("include_usage", False),
-        keep=keep, predictor=predictor, policy=policy,
+        keep=keep, predictor=predictor, policy=policy, logprobs=logprobs, top_logprobs=top,
     )  # fmt: skip
