@@ -42,6 +42,10 @@ def main(argv=None) -> None:
     p.add_argument("--policy", default="first-turn", help="default policy: first-turn | per-turn")
     add_store_flag(p)
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
+    p.add_argument("--prompt-cache-size", type=int, default=8,
+                   help="conversations whose KV cache and selected units are kept")  # fmt: skip
+    p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30,
+                   help="most bytes their KV caches hold together")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=1.0, help="larger bodies get 413")
     p.add_argument("--max-tokens", type=int, default=512, help="when a request sets none")
     add_distributed_flags(p)
@@ -56,6 +60,8 @@ def main(argv=None) -> None:
             raise IFPError(f"--port must be in 1..65535, not {args.port}")
         if args.max_queue < 0 or args.max_body_mb <= 0 or args.max_tokens < 1:
             raise IFPError("--max-queue must be ≥ 0, --max-body-mb > 0, --max-tokens ≥ 1")
+        if args.prompt_cache_size < 1 or args.prompt_cache_bytes < 0:
+            raise IFPError("--prompt-cache-size must be ≥ 1 and --prompt-cache-bytes ≥ 0")
         if args.max_connections < 1 or not 0 < args.timeout < 1e6:
             raise IFPError("--max-connections must be ≥ 1 and --timeout in (0, 1e6) seconds")
         if args.api_key is not None and not args.api_key.strip():
@@ -69,6 +75,10 @@ def main(argv=None) -> None:
                           args.allowed_origin, args.max_connections, args.timeout,
                           3 * args.timeout)  # fmt: skip
         cfg.verify_store, cfg.predictor_any = args.verify_store, args.predictor_any
+        cfg.prompt_cache_size, cfg.prompt_cache_bytes = (
+            args.prompt_cache_size,
+            args.prompt_cache_bytes,
+        )
         engine = Engine(cfg)  # the model loads before the port opens
         if engine.rank != 0:  # rank 0 serves; this rank runs what it is told
             engine.thread.join()

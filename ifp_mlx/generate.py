@@ -371,6 +371,8 @@ class Rescorer:
         kwargs = dict(kwargs)
         n = 0
         while n < max_tokens:
+            if hasattr(kwargs.get("sampler"), "rewind"):  # its look-ahead token was dropped
+                kwargs["sampler"].rewind(n)
             chunk, base = [], self.cache[0].offset
             size = self.head if n == 0 and self.head else (self.every or max_tokens)
             steps = min(size, max_tokens - n)

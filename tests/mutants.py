@@ -724,7 +724,7 @@ ROUND_TWO = [
     M(
         "serve-settings-change-ignored",
         "ifp_mlx/serve/engine.py",
-        'r.policy == "first-turn" and self.last == settings\n',
+        'r.policy == "first-turn" and slot.settings == settings\n',
         'r.policy == "first-turn"\n',
         ["tests/test_serve.py", "-k", "reuses_its_cache"],
         "a new keep mid-conversation keeps the old selection",
@@ -852,6 +852,31 @@ ROUND_TWO = [
         "shape.chunk(data, None)",
         ["tests/test_serve.py", "-k", "logprobs"],
         "a stream loses the logprobs of its text chunks",
+    ),
+    # ---- conversations and structured output in the server (#31)
+    M(
+        "slots-one-conversation",
+        "ifp_mlx/serve/slots.py",
+        "            if slot.prompt and n >= slot.prompt and n > longest:\n",
+        "            if slot is self.slots[0] and slot.prompt and n >= slot.prompt:\n",
+        ["tests/test_serve.py", "-k", "alternating"],
+        "a second conversation throws the first one's cache away",
+    ),
+    M(
+        "slots-no-restore",
+        "ifp_mlx/serve/engine.py",
+        "            self.model.apply_selection(slot.selection)\n",
+        "            pass\n",
+        ["tests/test_serve.py", "-k", "alternating"],
+        "a conversation answered with another one's units",
+    ),
+    M(
+        "constrain-no-rewind",
+        "ifp_mlx/constrain.py",
+        "            self.matcher.rollback(self.count - emitted)\n",
+        "            pass\n",
+        ["tests/test_structured.py", "-m", "real", "-k", "bundled"],  # converts the model
+        "the look-ahead token of a reselection chunk stays in the grammar",
     ),
 ]
 MUTANTS += ROUND_TWO

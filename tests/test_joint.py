@@ -102,14 +102,17 @@ def test_two_stages_learn_fuse_exactly_and_round_trip(tiny, tmp_path):
         (s2 / "config.json").read_text()
     )
 
-    # It converts again: float → float is exact, and 4-bit keeps the predictor.
+    # It converts again: float → float is exact (its predictor fits: the same weights), and
+    # 4-bit keeps the predictor, trained on the float weights: used only when asked.
     convert(s2, tmp_path / "again", progress=False)
     again, _ = ifp_mlx.load(tmp_path / "again")
     x = mx.array(PROMPT)[None]
     out.dense()
     assert np.abs(np.array(again(x)) - np.array(out(x))).max() < 1e-5
     convert(s2, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32, progress=False)
-    q4, tok = ifp_mlx.load(tmp_path / "q4")
+    with pytest.raises(ifp_mlx.IFPError, match="trained on float32 .* this folder holds 4-bit g32"):
+        ifp_mlx.load(tmp_path / "q4")
+    q4, tok = ifp_mlx.load(tmp_path / "q4", predictor_any=True)
     assert q4.select(PROMPT, keep=0.5, predictor="learned").kept == kept
     assert json.loads((tmp_path / "q4" / "config.json").read_text())["ifp"]["training"]
 

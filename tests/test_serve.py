@@ -96,6 +96,37 @@ def test_a_conversation_reuses_its_cache_and_units(server):
     assert ifp["reused_prompt_tokens"] > 50  # the prompt's cache is still the conversation's
 
 
+def test_two_alternating_conversations_keep_their_caches_and_units(server, folder):
+    """Two conversations taking turns (an LRU of prompt caches, each with its selection): both
+    reuse their cache on their second turn, their units come back without a new selection, and
+    each answers what the library's first-turn Conversation answers it alone."""
+    import ifp_mlx
+    from ifp_mlx.chat import Conversation
+
+    client = server.client()
+    opening = {"a": " ".join(f"w{i}" for i in range(10, 40)),
+               "b": " ".join(f"w{i}" for i in range(50, 80))}  # fmt: skip
+    follow = ["w61 w71", "w62 w72"]
+    history = {k: [{"role": "user", "content": v}] for k, v in opening.items()}
+    answers, last = {k: [] for k in opening}, {}
+    for turn in range(2):
+        for k, messages in history.items():
+            r = client.chat.completions.create(model="m", messages=messages, max_tokens=4,
+                                               extra_body={"keep": 0.5})  # fmt: skip
+            answers[k].append(r.choices[0].message.content)
+            last[k] = (r.usage, r.model_extra["ifp"])
+            messages += [{"role": "assistant", "content": answers[k][-1]},
+                         {"role": "user", "content": follow[turn]}]  # fmt: skip
+    model, tok = ifp_mlx.load(folder)
+    for k, text in opening.items():
+        usage, ifp = last[k]
+        assert usage.prompt_tokens_details.cached_tokens > 30, k
+        assert not ifp["reselected"] and ifp["restored_units"], k
+        conv = Conversation(model, tok, keep=0.5, predictor="activation")
+        alone = ["".join(r.text for r in conv.ask(m, max_tokens=4)) for m in (text, follow[0])]
+        assert alone == answers[k], k
+
+
 def test_a_stop_string_never_streams(server):
     """A stop string that spans tokens: the stream holds its start back until it is sure, so
     the streamed text is the non-streamed text, cut before the stop string."""
@@ -147,7 +178,6 @@ def test_logprobs_are_the_models_log_softmax_at_its_tokens(server, folder, keep)
     it: the dense one, or the one pruned for this prompt (the same selection in-process)."""
     import mlx.core as mx
     import numpy as np
-
     from mlx_lm.models.cache import make_prompt_cache
 
     import ifp_mlx

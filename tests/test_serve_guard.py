@@ -90,7 +90,9 @@ def test_a_post_must_be_json(server):
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported"),
         ({"tool_choice": "required"}, "tool_choice", "unsupported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported"),
+        ({"response_format": {"type": "yaml"}}, "response_format", None),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
+         "response_format", None),  # fmt: skip
         ({"logit_bias": {"5": 10}}, "logit_bias", "unsupported"),
         ({"frequency_penalty": 1.5}, "frequency_penalty", "unsupported"),
     ],

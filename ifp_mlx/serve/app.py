@@ -197,7 +197,8 @@ class _Shape:
     @staticmethod
     def usage(start: dict, done: dict) -> dict:
         p, c = start["prompt_tokens"], done["completion_tokens"]
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": start["reused"]}}  # fmt: skip
 
     def logprobs(self, scored: Optional[list], offset: int = 0) -> Optional[dict]:
         """OpenAI's logprobs object: chat's ``content`` list, or the legacy completions form

@@ -83,7 +83,7 @@ class Engine:
     def _run(self) -> None:
         try:
             from .. import load
-            from ..chat import PromptCache
+            from .slots import Slots
 
             self.model, self.tokenizer = load(self.cfg.model, ffn_store=self.cfg.ffn_store,
                                               verify_store=self.cfg.verify_store,
@@ -96,9 +96,7 @@ class Engine:
             from ..generate import context_length
 
             self.context = context_length(self.model)  # tokens (None: unknown)
-            self.cache = PromptCache(self.model)
-            self.last: Optional[dict] = None  # the previous request's selection settings
-            self.prev_prompt = 0  # and its prompt's length in tokens
+            self.slots = Slots(self.model, self.cfg.prompt_cache_size, self.cfg.prompt_cache_bytes)
         except BaseException as e:  # reported by the constructor, in the main thread
             self.load_error = e
             self.ready.set()
@@ -182,18 +180,26 @@ class Engine:
                                f"prompt leave {max(left, 0)}, max_tokens asks {max_tokens}")  # fmt: skip
             max_tokens = left  # the server's default, cut to what the context leaves
         settings = {"keep": r.keep, "predictor": r.predictor}
-        new = self.cache.new_tokens(full)
+        slot = self.slots.take(full)  # the conversation this continues, or a new one
+        new = slot.cache.new_tokens(full)
         # The same conversation, one turn on: the request resends the previous prompt whole.
-        continues = 0 < self.prev_prompt <= len(full) - len(new)
-        if not continues:  # another conversation: exactly what a fresh generation computes
-            self.cache.reset()
+        continues = 0 < slot.prompt <= len(full) - len(new)
+        if not continues:  # a new conversation: exactly what a fresh generation computes
+            slot.cache.reset()
             new = full
-        reselect = not (continues and r.policy == "first-turn" and self.last == settings
-                        and self.model.selection is not None)  # fmt: skip
+        reselect = not (continues and r.policy == "first-turn" and slot.settings == settings
+                        and slot.selection is not None)  # fmt: skip
+        restored = not reselect and self.model.selection is not slot.selection
+        if restored:  # its units again (another conversation ran in between)
+            self.model.apply_selection(slot.selection)
         sampler = make_sampler(r.temperature, r.top_p, r.seed)
+        if r.grammar is not None:  # structured output: only what the grammar allows
+            from ..constrain import Constrained
+
+            sampler = Constrained(self.tokenizer, self.model.vocab_size, r.grammar, sampler)
         stream = stream_generate(
             self.model, self.tokenizer, new, keep=r.keep, predictor=r.predictor,
-            max_tokens=max_tokens, prompt_cache=self.cache.cache, reselect=reselect,
+            max_tokens=max_tokens, prompt_cache=slot.cache.cache, reselect=reselect,
             sampler=sampler,
         )  # fmt: skip
         generated, started, text, sent, finish = [], False, "", 0, None
@@ -204,7 +210,7 @@ class Engine:
             for resp in stream:
                 if not started:
                     started = True
-                    self.last, self.prev_prompt = settings, len(full)
+                    slot.settings, slot.prompt = settings, len(full)
                     job.emit("start", {"prompt_tokens": len(full), "reused": len(full) - len(new),
                                        "reselected": reselect})  # fmt: skip
                 if r.logprobs:
@@ -233,12 +239,14 @@ class Engine:
             stats = resp.ifp if started else None
         finally:
             stream.close()  # one generation per model: this one ends here
-            self.cache.commit(full, generated, started)
+            slot.cache.commit(full, generated, started)
+            slot.selection = self.model.selection if started else slot.selection
+            self.slots.trim()
         job.emit("done", {
             "finish_reason": finish or "length",
             "completion_tokens": len(generated),
-            "ifp": _ifp_fields(stats, reselect, len(full) - len(new),
-                               (time.perf_counter() - tic) * 1e3),
+            "ifp": {**_ifp_fields(stats, reselect, len(full) - len(new),
+                                  (time.perf_counter() - tic) * 1e3), "restored_units": restored},
         })  # fmt: skip
 
 

@@ -31,6 +31,8 @@ class ServeConfig:
     body_timeout: float = 30.0  # seconds for a request body to arrive
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
     verify_store: bool = False  # check the unit file's checksums at load
+    prompt_cache_size: int = 8  # conversations kept (KV cache + selection each)
+    prompt_cache_bytes: int = 1 << 30  # and the most bytes their KV caches hold
     predictor_any: bool = False  # a learned predictor trained on other weights is used
 
 
@@ -81,7 +83,6 @@ UNSUPPORTED = {
     "parallel_tool_calls": (False, True),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "logit_bias": ({},),
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
@@ -101,6 +102,31 @@ def _unsupported(body: dict) -> None:
         if v is None or any(type(v) is type(n) and v == n for n in noop):
             continue
         raise BadRequest(f"'{name}' is not supported by this server", name, code="unsupported")
+
+
+def _response_format(fmt: Any) -> Optional[str]:
+    """The grammar ``response_format`` asks for: none for text, any JSON object for
+    ``json_object``, the schema's for ``json_schema`` (a schema it cannot use is a 400)."""
+    from ..constrain import json_grammar
+
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        schema = None
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("'response_format.json_schema.schema' must be a JSON schema object",
+                             "response_format")  # fmt: skip
+    else:
+        raise BadRequest("'response_format' must be text, json_object or json_schema",
+                         "response_format")  # fmt: skip
+    try:
+        return json_grammar(schema)
+    except IFPError as e:
+        raise BadRequest(str(e), "response_format")
 
 
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
@@ -143,6 +169,7 @@ class Request:
     policy: str = "first-turn"
     max_tokens_given: bool = True  # False: the server's default, cut to the context left
     logprobs: bool = False  # each answer token's log-probability
+    grammar: Optional[str] = None  # the answer must follow it (response_format; llguidance)
     top_logprobs: int = 0  # and the most likely tokens at its place
 
 
@@ -191,6 +218,7 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
     else:  # the legacy field: how many alternatives per token (0: the tokens' own only)
         top = _integer(body, "logprobs", 0, None, 5)
         logprobs, top = top is not None, top or 0
+    grammar = _response_format(body.get("response_format"))
     n = body.get("n", 1)
     if type(n) is not int or n != 1:
         raise BadRequest("only n = 1 is supported", "n")
@@ -232,4 +260,5 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
         max_tokens_given=given,
         stop=stop, stream=stream, include_usage=options.get("include_usage", False),
         keep=keep, predictor=predictor, policy=policy, logprobs=logprobs, top_logprobs=top,
+        grammar=grammar,
     )  # fmt: skip
