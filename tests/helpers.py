@@ -187,3 +187,20 @@ def make_tiny_nas(folder: Path, seed: int = 0) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     tiny_tokenizer(folder)
     return folder
+
+
+def masked_logits(model, indices, tokens) -> np.ndarray:
+    """Logits of the *dense* model with every FFN unit not in ``indices[l]`` switched off
+    (activation × 0): what a model sliced to those units must compute. Leaves it dense."""
+    import mlx.core as mx
+
+    from ifp_mlx.model import tap_ffns
+
+    model.dense()
+    masks = []
+    for idx, n in zip(indices, model.ffn_units):
+        m = np.zeros(n, np.float32)
+        m[np.asarray(idx)] = 1
+        masks.append(mx.array(m))
+    with tap_ffns(model, record=False, masks=masks):
+        return mlx_logits(model, tokens)

@@ -1,13 +1,11 @@
 """Real GGUFs (SmolLM2, Qwen2.5, Gemma 3): tokenizers exactly as transformers' own GGUF reader
 builds them, and Gemma 3 end to end against transformers at fp32."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 import ifp_mlx
-from ifp_mlx.model import tap_ffns
-from tests.helpers import mlx_logits
+from tests.helpers import masked_logits, mlx_logits
 
 AWKWARD = [
     "The capital of France is",
@@ -94,13 +92,6 @@ def test_gemma3_matches_transformers_and_prunes(gemma_gguf, gemma_f32):
     sel = model.selection
     assert sel.keep == pytest.approx(0.5, abs=0.01) and text.strip()
     pruned = mlx_logits(model, ids)  # the sliced model = the dense one with those units off
-    model.dense()
-    masks = []
-    for idx, n in zip(sel.indices, sel.units):
-        m = np.zeros(n, np.float32)
-        m[idx] = 1
-        masks.append(mx.array(m))
-    with tap_ffns(model, record=False, masks=masks):
-        reference = mlx_logits(model, ids)
+    reference = masked_logits(model, sel.indices, ids)
     assert np.abs(pruned - reference).max() <= 1e-3 * np.abs(reference).max()
     assert np.abs(pruned - got).max() > 1e-2 * np.abs(got).max()  # and not the dense model

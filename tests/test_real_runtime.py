@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ifp_mlx
-from ifp_mlx.model import tap_ffns
+from tests.helpers import masked_logits, mlx_logits
 
 PROMPT = "What color is the sky on a clear day?"
 # Greedy tokens at keep 0.5 (activation predictor), recorded from this runtime. The text is
@@ -68,16 +68,8 @@ def test_real_sliced_equals_masked_dense(smol_q4):
     model, tok = ifp_mlx.load(smol_q4)
     ids = tok.encode("Plants need sunlight, water and air to grow.")
     sel = model.select(ids, keep=0.5)
-    sliced = model(mx.array(ids)[None])
-    model.dense()
-    masks = []
-    for idx, n in zip(sel.indices, sel.units):
-        m = np.zeros(n, np.float32)
-        m[idx] = 1
-        masks.append(mx.array(m))
-    with tap_ffns(model, record=False, masks=masks):
-        masked = model(mx.array(ids)[None])
-    assert mx.abs(sliced - masked).max().item() <= 1e-3
+    sliced = mlx_logits(model, ids)
+    assert np.abs(sliced - masked_logits(model, sel.indices, ids)).max() <= 1e-3
 
 
 @pytest.mark.real

@@ -14,9 +14,8 @@ import pytest
 import ifp_mlx
 from ifp_mlx.budget import budget_units
 from ifp_mlx.convert import convert
-from ifp_mlx.model import tap_ffns
 from ifp_mlx.predictors.learned import PredictorConfig, PredictorHead, save
-from tests.helpers import make_tiny_hf, make_tiny_nas
+from tests.helpers import make_tiny_hf, make_tiny_nas, masked_logits
 
 TOKENS = [5, 17, 40, 9, 33, 70, 12, 88, 41, 6, 23, 54]
 
@@ -27,14 +26,7 @@ def logits(model, tokens=TOKENS) -> np.ndarray:
 
 def masked(model, keeps, tokens=TOKENS) -> np.ndarray:
     """The dense model with every unit not in ``keeps[l]`` switched off (activation × 0)."""
-    model.dense()
-    masks = []
-    for idx, n in zip(keeps, model.ffn_units):
-        m = np.zeros(n, np.float32)
-        m[np.asarray(idx)] = 1
-        masks.append(mx.array(m))
-    with tap_ffns(model, record=False, masks=masks):
-        return logits(model, tokens)
+    return masked_logits(model, keeps, tokens)
 
 
 def _edit_config(folder, **ifp):
