@@ -164,7 +164,8 @@ class Engine:
                     "bytes": list(piece.encode("utf-8"))}  # fmt: skip
 
         out = entry(resp.token)
-        out["top_logprobs"] = [entry(int(i)) for i in np.argsort(-lp, kind="stable")[:top]]
+        best = np.argsort(-lp, kind="stable")[:top] if top else []  # no sort when none asked
+        out["top_logprobs"] = [entry(int(i)) for i in best]
         return out
 
     def _generate(self, job: Job) -> None:
