@@ -50,18 +50,6 @@ def to_mlx_lm(folder: Union[str, Path], out: Union[str, Path], force: bool = Fal
     config.pop("quantization_config", None)
     with atomic_folder(Path(out), force) as tmp:
         copy_tokenizer_files(Path(folder), tmp)
-        save_weights(tmp, _Flat(weights), total)
+        save_weights(tmp, weights, total)
         save_config(config, tmp / "config.json")
     return Path(out)
-
-
-class _Flat:
-    """What ``save_weights`` reads from a model: its flat parameters."""
-
-    def __init__(self, weights: dict):
-        self.weights = weights
-
-    def parameters(self) -> dict:
-        from mlx.utils import tree_unflatten
-
-        return tree_unflatten(list(self.weights.items()))

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .errors import IFPError
 from .model import find_ffns
@@ -229,22 +230,20 @@ def write_model_files(folder: Path, model: nn.Module) -> dict:
     try:
         for (_, mlp), mods in zip(ffns, originals):
             install(mlp, template(mods))
-        save_weights(folder, model, total)
+        save_weights(folder, dict(tree_flatten(model.parameters())), total)
     finally:
         for (_, mlp), mods in zip(ffns, originals):
             install(mlp, mods)
     return spec.to_dict()
 
 
-def save_weights(folder: Path, model: nn.Module, total_parameters: int) -> None:
+def save_weights(folder: Path, weights: Dict[str, mx.array], total_parameters: int) -> None:
     """mlx-lm's ``save_model`` layout (shards + index), written here because its parameter
     count cannot read a quantized projection left with only a bias (a down_proj template)."""
     import json
 
-    from mlx.utils import tree_flatten
     from mlx_lm.utils import make_shards
 
-    weights = dict(tree_flatten(model.parameters()))
     shards = make_shards(weights)
     name = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values()),

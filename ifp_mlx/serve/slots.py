@@ -9,7 +9,7 @@ recently used conversation goes first when there are more than ``size`` of them 
 caches hold more than ``max_bytes`` (the one in use always stays).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from mlx_lm.utils import common_prefix_len
@@ -23,7 +23,6 @@ class Slot:
     prompt: int = 0  # the last request's prompt length in tokens (0: nothing answered yet)
     settings: Optional[dict] = None  # its keep / predictor
     selection: Optional[object] = None  # the units it was answered with (None: dense)
-    extra: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
