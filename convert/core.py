@@ -118,9 +118,9 @@ def _file_parameters(path: Path) -> int:
             header = json.loads(f.read(n))
         return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
     if path.suffix == ".gguf":
-        from gguf import GGUFReader
+        from .gguf_reader import gguf_reader
 
-        return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+        return sum(int(t.n_elements) for t in gguf_reader(path).tensors)
     return path.stat().st_size // 4 if path.suffix in TORCH_SUFFIXES else 0
 
 

@@ -1,5 +1,7 @@
 """One rank of a distributed test: run under ``mlx.launch`` (or alone, for the single-process
-reference). ``python -m tests.dist_worker MODEL OUT.json [--keep K] [--policy P] [--store S]``
+reference). ``python -m tests.dist_worker MODEL OUT.json [--keep K] [--policy P] [--store S]``,
+or ``python -m tests.dist_worker --runs RUNS.json [--single]``: each entry of RUNS.json is one such
+argument list, run in turn in the same processes (one launch of ~20 s pays for them all).
 
 Each rank writes ``OUT.json`` with a ``.rank{r}`` suffix: the last-token logits of a dense
 forward pass, then the selection at ``--keep`` and the tokens decoded from it
@@ -82,5 +84,14 @@ def _greedy(model, tok, keep, n, predictor, temp):
                                              predictor=predictor, max_tokens=n)]  # fmt: skip
 
 
+def runs(argv) -> None:
+    """Several runs in one launch: ``--runs FILE`` (a JSON list of argument lists)."""
+    single = ["--single"] if "--single" in argv else []
+    for run in json.loads(open(argv[argv.index("--runs") + 1]).read()):
+        main(run + single)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    runs(sys.argv[1:]) if "--runs" in sys.argv else main()

@@ -54,17 +54,55 @@ def launch(*command: str, n: int = 2, **kw) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT, **kw)  # fmt: skip
 
 
-def worker(folder: Path, out: Path, *flags: str, single: bool = False) -> list:
-    """Run tests/dist_worker.py on 2 ranks (or 1 process) and read each rank's results."""
-    command = [sys.executable, "-m", "tests.dist_worker", str(folder), str(out), *flags]
+def _run(command: list, single: bool) -> None:
     if single:
         r = subprocess.run(command + ["--single"], cwd=ROOT, env=_env(), capture_output=True,
                            text=True, timeout=TIMEOUT)  # fmt: skip
     else:
         r = launch(*command)
     assert r.returncode == 0, r.stdout + r.stderr
-    ranks = 1 if single else 2
-    return [json.loads(Path(f"{out}.rank{i}").read_text()) for i in range(ranks)]
+
+
+# Every sharded run of the module, with its single-process reference where it has one: one
+# launch and one process run them all (a launch costs ~20 s of imports and start-up).
+RUNS = {  # name: (folder fixture, flags, single-process reference too)
+    "f32": ("tiny", ["f32"], [], True),
+    "flash": ("tiny", ["q4"], ["--store", "flash"], True),
+    "balanced": ("tiny", ["f32"], ["--policy", "balanced"], False),
+    "odd-balanced": ("odd", [], ["--keep", "0.6", "--policy", "balanced"], False),
+    "odd-one": ("odd", [], ["--keep", "0.6"], None),
+    "learned": ("odd", [], ["--predictor", "learned", "--temp", "1.0"], False),
+    "learned-one": ("odd", [], ["--predictor", "learned"], None),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tiny, odd, tmp_path_factory):
+    """name -> {"ranks": [rank 0, rank 1], "one": the single process's} for each of RUNS
+    (``one`` only where the run has a reference; None marks a single-process-only run)."""
+    root = tmp_path_factory.mktemp("dist-runs")
+    folders = {"tiny": tiny, "odd": odd}
+    lists = {True: [], False: []}  # single: argument lists
+    for name, (fixture, sub, flags, single) in RUNS.items():
+        folder = folders[fixture].joinpath(*sub)
+        if single is not None:
+            lists[False].append([str(folder), str(root / f"{name}-two"), *flags])
+        if single is not False:
+            lists[True].append([str(folder), str(root / f"{name}-one"), *flags])
+    for single, runs in lists.items():
+        path = root / f"runs-{single}.json"
+        path.write_text(json.dumps(runs))
+        _run([sys.executable, "-m", "tests.dist_worker", "--runs", str(path)], single)
+
+    def read(stem: str, n: int):
+        files = [root / f"{stem}.rank{i}" for i in range(n)]
+        return [json.loads(f.read_text()) for f in files] if files[0].is_file() else None
+
+    out = {}
+    for name in RUNS:
+        one = read(f"{name}-one", 1)
+        out[name] = {"ranks": read(f"{name}-two", 2), "one": one[0] if one else None}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +138,15 @@ def _check_against_single(one: dict, ranks: list) -> None:
     assert kept == [len(i) for i in one["indices"]]
 
 
-def test_two_ranks_compute_the_single_process_model(tiny, tmp_path):
-    one = worker(tiny / "f32", tmp_path / "one", single=True)[0]
-    ranks = worker(tiny / "f32", tmp_path / "two")
+def test_two_ranks_compute_the_single_process_model(results):
+    one, ranks = results["f32"]["one"], results["f32"]["ranks"]
     _check_against_single(one, ranks)
     assert all(r["attention_sharded"] for r in ranks)
 
 
-def test_flash_store_ranks_read_only_their_own_units(tiny, tmp_path):
+def test_flash_store_ranks_read_only_their_own_units(tiny, results):
     """4-bit, flash store: same results, and each rank reads exactly its kept units' records."""
-    one = worker(tiny / "q4", tmp_path / "one", "--store", "flash", single=True)[0]
-    ranks = worker(tiny / "q4", tmp_path / "two", "--store", "flash")
+    one, ranks = results["flash"]["one"], results["flash"]["ranks"]
     _check_against_single(one, ranks)
     # a unit's bytes: its gate/up/down rows with their scales and biases, as loaded in memory
     model, _ = ifp_mlx.load(tiny / "q4")
@@ -124,9 +160,8 @@ def test_flash_store_ranks_read_only_their_own_units(tiny, tmp_path):
     assert one["bytes_read"] == sum(r["bytes_read"] for r in ranks)
 
 
-def test_balanced_policy_splits_the_work_evenly_and_its_kl_is_reported(tiny, tmp_path):
-    glob = worker(tiny / "f32", tmp_path / "g")
-    bal = worker(tiny / "f32", tmp_path / "b", "--policy", "balanced")
+def test_balanced_policy_splits_the_work_evenly_and_its_kl_is_reported(results):
+    glob, bal = results["f32"]["ranks"], results["balanced"]["ranks"]
     for layer, idx in enumerate(bal[0]["indices"]):
         k = len(idx)  # rank 0 takes the odd unit out, then each keeps its share of k
         assert [r["local_kept"][layer] for r in bal] == [(k + 1) // 2, k // 2]
@@ -161,11 +196,10 @@ def odd(tmp_path_factory):
     return out
 
 
-def test_odd_units_biases_and_the_balanced_policy(odd, tmp_path):
+def test_odd_units_biases_and_the_balanced_policy(results):
     """Under ``balanced`` each rank keeps its own share of an odd k (23 + 22 units a layer):
     the pruned model is the masked dense one, and down_proj's bias is added once."""
-    one = worker(odd, tmp_path / "one", "--keep", "0.6", single=True)[0]
-    bal = worker(odd, tmp_path / "b", "--keep", "0.6", "--policy", "balanced")
+    one, bal = results["odd-one"]["one"], results["odd-balanced"]["ranks"]
     for r in bal:
         assert np.abs(np.array(r["dense"]) - one["dense"]).max() <= 1e-4
         assert np.abs(np.array(r["pruned"]) - r["masked"]).max() <= 1e-4
@@ -177,11 +211,10 @@ def test_odd_units_biases_and_the_balanced_policy(odd, tmp_path):
         assert len(set(idx)) == 27
 
 
-def test_learned_predictor_and_sampling_on_ranks(odd, tmp_path):
+def test_learned_predictor_and_sampling_on_ranks(results):
     """The learned head scores whole layers on every rank: the ranks select what one process
     selects. Sampling without a seed: every rank draws the same tokens."""
-    one = worker(odd, tmp_path / "one", "--predictor", "learned", single=True)[0]
-    ranks = worker(odd, tmp_path / "two", "--predictor", "learned", "--temp", "1.0")
+    one, ranks = results["learned-one"]["one"], results["learned"]["ranks"]
     for r in ranks:
         assert r["indices"] == one["indices"]
         assert np.abs(np.array(r["pruned"]) - one["pruned"]).max() <= 1e-4

@@ -32,11 +32,9 @@ def _reference(gguf):
 
 
 def _ours(gguf):
-    from gguf import GGUFReader
+    from ifp_mlx.convert.gguf_reader import _gguf_tokenizer, gguf_reader
 
-    from ifp_mlx.convert.gguf_reader import _gguf_tokenizer
-
-    meta = {n: f.contents() for n, f in GGUFReader(str(gguf)).fields.items()}
+    meta = {n: f.contents() for n, f in gguf_reader(gguf).fields.items()}
     return _gguf_tokenizer(meta, meta["general.architecture"])
 
 
