@@ -38,6 +38,8 @@ def clean_text(text: str) -> str:
 
 
 def _message(m) -> dict:
+    if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls"):
+        return {**m, "content": ""}  # an assistant turn that only called tools
     if not isinstance(m, dict) or not isinstance(m.get("content"), str):
         raise IFPError("a message must be a dict with a 'role' and a text 'content'")
     return {**m, "content": clean_text(m["content"])}
@@ -71,8 +73,10 @@ def time_limit(seconds: float):
         sys.settrace(previous)
 
 
-def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
-    """Token ids for ``prompt``: a user message (chat template applied), messages, or ids."""
+def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True,
+                  tools: Optional[list] = None) -> List[int]:  # fmt: skip
+    """Token ids for ``prompt``: a user message (chat template applied), messages, or ids.
+    ``tools`` (OpenAI function specs) are shown to the model (``ifp_mlx.tools.render``)."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise IFPError("empty prompt")
@@ -83,10 +87,16 @@ def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = True) -> List[int]:
         return list(prompt)  # token ids: the model checks them (check_tokens)
     else:
         raise IFPError("empty prompt")
+    extra: dict = {}
+    if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+        from .tools import render
+
+        messages, extra = render(tokenizer, messages, tools)
     if chat and getattr(tokenizer, "chat_template", None):
         try:
             with time_limit(TEMPLATE_SECONDS):
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                          **extra))  # fmt: skip
         except TimeLimit:
             raise IFPError(f"the model's chat template did not finish within {TEMPLATE_SECONDS:g} "
                            "s (a damaged or hostile template: fix its chat_template)")  # fmt: skip

@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from .budget import budget_units, check_keep
+from .budget import budget_units, check_keep, protected_budget
 from .errors import IFPError, read_json, set_ifp_entries
 from .model import dequantize, tap_ffns
 from .predictors.learned import PredictorConfig, PredictorHead, encode, save, weights_of
@@ -85,7 +85,10 @@ def examples(tokenizer, split: str, n: int, cfg: TrainConfig) -> List[Example]:
     """ShareGPT (prompt, answer) pairs of a split, length-capped, in the split's fixed order."""
     from .eval import data
 
-    out, _ = data.chat_pairs(tokenizer, split, n, cfg.max_prompt, cfg.max_answer)
+    # Answers that fit end with the end-of-turn token: the pruned model must also learn to stop
+    # (a pruned answer that says "Paris" and then runs on to max_tokens is the failure seen).
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out, _ = data.chat_pairs(tokenizer, split, n, cfg.max_prompt, cfg.max_answer, end=eos)
     if not out:
         raise IFPError(f"no usable training data in the ShareGPT {split!r} split")
     return out
@@ -188,7 +191,10 @@ class Trainer:
 
     # ---- loss
     def _masks(self, scores: List[mx.array], keep: float, hard_only: bool = False):
-        ks = budget_units(keep, self.model.ffn_units)
+        # the folder's budget layout: its protected layers stay whole, as they will at inference
+        protect = self.model.__dict__.get("_ifp_config", {}).get("protect")
+        units = self.model.ffn_units
+        ks = budget_units(protected_budget(keep, protect, len(units)), units)
         if hard_only:
             return [hard_topk(s, k)[:, None, :] for s, k in zip(scores, ks)]
         return [straight_through(s, k, self.cfg.tau)[:, None, :] for s, k in zip(scores, ks)]

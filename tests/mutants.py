@@ -878,6 +878,38 @@ ROUND_TWO = [
         ["tests/test_structured.py", "-m", "real", "-k", "bundled"],  # converts the model
         "the look-ahead token of a reselection chunk stays in the grammar",
     ),
+    M(
+        "tools-open-arguments",
+        "ifp_mlx/tools.py",
+        '        schema["additionalProperties"] = False\n',
+        "        pass\n",
+        ["tests/test_structured.py", "-m", "real", "-k", "random_model"],
+        "a forced call invents argument keys until max_tokens",
+    ),
+    M(
+        "tools-no-partial-tag",
+        "ifp_mlx/tools.py",
+        "        if text.endswith(tag[:n]):\n",
+        "        if False:\n",
+        ["tests/test_tools.py"],
+        "the first half of a call's start tag is streamed as text",
+    ),
+    M(
+        "tools-finish-stop",
+        "ifp_mlx/serve/engine.py",
+        '                finish = "tool_calls"\n',
+        "                pass\n",
+        ["tests/test_structured.py", "-m", "real", "-k", "random_model"],
+        "an answer that called a tool ends with finish_reason stop",
+    ),
+    M(
+        "tools-arguments-as-text",
+        "ifp_mlx/tools.py",
+        '"arguments": _arguments(c["function"]["arguments"])}}\n',
+        '"arguments": c["function"]["arguments"]}}\n',
+        ["tests/test_tools.py"],
+        "a template that renders tools gets a call's arguments as JSON text",
+    ),
 ]
 MUTANTS += ROUND_TWO
 

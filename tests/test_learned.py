@@ -97,6 +97,29 @@ def test_tiny_training_lowers_val_loss_and_round_trips(tiny_folder, tmp_path):
     assert any(x["method"] == "ifp-learned" and x["keep"] == 0.5 for x in r["results"])
 
 
+def test_training_keeps_protected_layers_whole_and_answers_end_with_their_turn(
+    tiny_folder, tmp_path
+):
+    """The head trains under the budget the folder runs with (``ifp.protect``: first/last layers
+    whole), and every answer that fits ends with the end-of-turn token (the model learns to stop
+    under the masks too)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder / "m", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["ifp"]["protect"] = [1, 0]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, tok = ifp_mlx.load(folder)
+    trainer = Trainer(model, tok, _cfg(max_answer=400), folder, progress=False)
+    trainer.prepare()
+    assert all(a[-1] == tok.eos_token_id for _, a in trainer.train)  # all fit in 400 tokens
+    short = Trainer(model, tok, _cfg(max_answer=2), folder, progress=False)
+    assert all(len(a) == 2 and a[-1] != tok.eos_token_id for _, a in short.examples("train", 4))
+    masks = trainer._masks(trainer.head(trainer.val_f), 0.75, hard_only=True)
+    n = len(trainer.val)  # 96 units a layer: 144 of 192 kept, 96 of them the protected layer's
+    assert float(masks[0].sum()) == n * 96 and float(masks[1].sum()) == n * 48
+    assert hard_topk(mx.array([[3.0, 1.0, 2.0]]), 1).tolist() == [[1.0, 0.0, 0.0]]
+
+
 def test_oracle_targets_pull_the_scores_towards_each_answers_units(tiny_folder, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_folder / "m", folder)

@@ -88,8 +88,9 @@ def test_a_post_must_be_json(server):
         ({"logprobs": "yes"}, "logprobs", None),
         ({"top_logprobs": 3}, "top_logprobs", None),  # without logprobs: true
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported"),
-        ({"tool_choice": "required"}, "tool_choice", "unsupported"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools", None),
+        ({"tool_choice": "required"}, "tool_choice", None),  # without tools
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported"),  # the legacy form
         ({"response_format": {"type": "yaml"}}, "response_format", None),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
          "response_format", None),  # fmt: skip

@@ -124,9 +124,11 @@ def sharegpt(split: str) -> List[ChatExample]:
     return sorted(out, key=lambda e: _order(e.id))
 
 
-def chat_pairs(tokenizer, split: str, n: int, max_prompt: int, max_answer: int):
+def chat_pairs(tokenizer, split: str, n: int, max_prompt: int, max_answer: int,
+               end: Optional[int] = None):  # fmt: skip
     """Up to ``n`` (prompt tokens, answer tokens) pairs of a split, in its fixed order, with
-    their ids: prompts longer than ``max_prompt`` are skipped, answers cut to ``max_answer``."""
+    their ids: prompts longer than ``max_prompt`` are skipped, answers cut to ``max_answer``.
+    ``end``: the end-of-turn token, appended to each answer that fits whole (training)."""
     from ..generate import prompt_tokens
 
     pairs, ids = [], []
@@ -134,7 +136,9 @@ def chat_pairs(tokenizer, split: str, n: int, max_prompt: int, max_answer: int):
         if len(pairs) >= n:
             break
         prompt = prompt_tokens(tokenizer, ex.prompt)
-        answer = tokenizer.encode(ex.answer, add_special_tokens=False)[:max_answer]
+        answer = tokenizer.encode(ex.answer, add_special_tokens=False)
+        answer = answer + [end] if end is not None and len(answer) < max_answer else answer
+        answer = answer[:max_answer]
         if len(prompt) <= max_prompt and len(answer) >= 2:
             pairs.append((prompt, answer))
             ids.append(ex.id)

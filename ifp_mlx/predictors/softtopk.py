@@ -35,7 +35,8 @@ def soft_topk(scores: mx.array, k: float, tau: float) -> mx.array:
 
 def hard_topk(scores: mx.array, k: int) -> mx.array:
     """0/1 mask of the k largest entries along the last axis."""
-    kth = mx.sort(scores, axis=-1)[..., -k : -k + 1] if k > 0 else mx.inf
+    n = scores.shape[-1]
+    kth = mx.sort(scores, axis=-1)[..., n - k : n - k + 1] if k > 0 else mx.inf
     return (scores >= kth).astype(mx.float32)
 
 

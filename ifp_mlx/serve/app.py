@@ -117,7 +117,7 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
         shape = _Shape(rid, model_id, chat)
         if r.stream:
             return _stream_response(job, shape, start, r.include_usage)
-        text, done, scored = "", None, [] if r.logprobs else None
+        text, done, scored, calls = "", None, [] if r.logprobs else None, []
         try:
             while True:
                 try:
@@ -130,6 +130,8 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
                     scored += data
                 elif kind == "text":
                     text += data
+                elif kind == "tool_calls":
+                    calls += data
                 elif kind == "done":
                     done = data
                 elif kind == "end":
@@ -138,7 +140,7 @@ def create_app(cfg: ServeConfig, engine: Optional[Engine] = None):
             job.cancelled.set()
         if done is None:
             return error(BadRequest("internal error", status=500, kind="server_error"))
-        return JSONResponse(shape.full(text, done, start, scored))
+        return JSONResponse(shape.full(text, done, start, scored, calls))
 
     async def chat_route(request):
         return await completions(request, True)
@@ -215,21 +217,32 @@ class _Shape:
             "text_offset": [int(o) for o in offsets] if scored else [],
         }
 
-    def full(self, text: str, done: dict, start: dict, scored: Optional[list] = None) -> dict:
+    def full(self, text: str, done: dict, start: dict, scored: Optional[list] = None,
+             calls: Optional[list] = None) -> dict:  # fmt: skip
         logprobs = self.logprobs(scored)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": done["finish_reason"], "logprobs": logprobs}  # fmt: skip
+            message = {"role": "assistant", "content": text}
+            if calls:  # OpenAI: content is null when the answer is only tool calls
+                message = {
+                    "role": "assistant",
+                    "content": text.strip() or None,
+                    "tool_calls": calls,
+                }
+            choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"],
+                      "logprobs": logprobs}  # fmt: skip
         else:
             choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"],
                       "logprobs": logprobs}  # fmt: skip
         body = self._base("chat.completion" if self.chat else "text_completion")
         return {**body, "choices": [choice], "usage": self.usage(start, done), "ifp": done["ifp"]}
 
-    def chunk(self, text: Optional[str], finish: Optional[str], first=False, logprobs=None) -> dict:
+    def chunk(self, text: Optional[str], finish: Optional[str], first=False, logprobs=None,
+              calls: Optional[list] = None) -> dict:  # fmt: skip
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else (
                 {"content": text} if text else {})  # fmt: skip
+            if calls:  # each call whole, numbered across the answer (``index``)
+                delta["tool_calls"] = calls
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
         choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
@@ -242,7 +255,7 @@ def _stream_response(job: Job, shape: _Shape, start: dict, include_usage: bool):
     async def events():
         try:
             yield {"data": json.dumps(shape.chunk("", None, first=True))}
-            pending, sent = None, 0  # logprobs of the text about to go out; its offset
+            pending, sent, n = None, 0, 0  # logprobs of the text about to go out; its offset; calls
             while True:
                 kind, data = await job.events.get()
                 if kind == "logprobs":
@@ -250,6 +263,10 @@ def _stream_response(job: Job, shape: _Shape, start: dict, include_usage: bool):
                 elif kind == "text":
                     yield {"data": json.dumps(shape.chunk(data, None, logprobs=shape.logprobs(pending, sent)))}  # fmt: skip
                     pending, sent = None, sent + len(data)
+                elif kind == "tool_calls":
+                    numbered = [{"index": n + i, **c} for i, c in enumerate(data)]
+                    n += len(data)
+                    yield {"data": json.dumps(shape.chunk(None, None, calls=numbered))}
                 elif kind == "done":
                     last = shape.chunk(None, data["finish_reason"], logprobs=shape.logprobs(pending, sent))  # fmt: skip
                     last["ifp"] = data["ifp"]

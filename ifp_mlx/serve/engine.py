@@ -172,7 +172,9 @@ class Engine:
         from ..generate import make_sampler, prompt_tokens, stream_generate
 
         r = job.request
-        full = self.model.check_tokens(prompt_tokens(self.tokenizer, r.prompt, chat=r.chat))
+        tools = r.tools if r.tool_choice != "none" else None  # "none": not shown at all
+        full = prompt_tokens(self.tokenizer, r.prompt, chat=r.chat, tools=tools)
+        full = self.model.check_tokens(full)
         max_tokens, context = r.max_tokens, self.context
         if context and len(full) + max_tokens > context:
             left = context - len(full)
@@ -194,10 +196,20 @@ class Engine:
         if restored:  # its units again (another conversation ran in between)
             self.model.apply_selection(slot.selection)
         sampler = make_sampler(r.temperature, r.top_p, r.seed)
-        if r.grammar is not None:  # structured output: only what the grammar allows
+        grammar, calls = r.grammar, None
+        if tools:  # the answer's tool calls come out as tool_calls; a forced one by grammar
+            from ..tools import CallSplitter, call_format
+            from ..tools import grammar as call_grammar
+
+            fmt = call_format(self.tokenizer)
+            forced = r.tool_choice if r.tool_choice != "auto" else None
+            if forced is not None:
+                grammar = call_grammar(fmt, tools, forced["name"] if isinstance(forced, dict) else None)  # fmt: skip
+            calls = CallSplitter(fmt, tools, single=forced is not None or not r.parallel_tool_calls)
+        if grammar is not None:  # structured output: only what the grammar allows
             from ..constrain import Constrained
 
-            sampler = Constrained(self.tokenizer, self.model.vocab_size, r.grammar, sampler)
+            sampler = Constrained(self.tokenizer, self.model.vocab_size, grammar, sampler)
         stream = stream_generate(
             self.model, self.tokenizer, new, keep=r.keep, predictor=r.predictor,
             max_tokens=max_tokens, prompt_cache=slot.cache.cache, reselect=reselect,
@@ -233,7 +245,7 @@ class Engine:
                         job.emit("logprobs", scored[told:n])
                         told = n
                 if end > sent:
-                    job.emit("text", text[sent:end])
+                    _send(job, *(calls.feed(text[sent:end]) if calls else (text[sent:end], [])))
                     sent = end
                 if self._stop(bool(finish) or job.cancelled.is_set()):
                     break
@@ -243,12 +255,24 @@ class Engine:
             slot.cache.commit(full, generated, started)
             slot.selection = self.model.selection if started else slot.selection
             self.slots.trim()
+        if calls is not None:
+            _send(job, *calls.finish())
+            if calls.calls and finish == "stop":
+                finish = "tool_calls"
         job.emit("done", {
             "finish_reason": finish or "length",
             "completion_tokens": len(generated),
             "ifp": {**_ifp_fields(stats, reselect, len(full) - len(new),
                                   (time.perf_counter() - tic) * 1e3), "restored_units": restored},
         })  # fmt: skip
+
+
+def _send(job, text: str, found: list) -> None:
+    """Answer text to the client, and the tool calls found in it (``tools.CallSplitter``)."""
+    if text:
+        job.emit("text", text)
+    if found:
+        job.emit("tool_calls", found)
 
 
 def _shown(span, end: int, finish: Optional[str]) -> bool:

@@ -2,12 +2,13 @@
 checked before use: a bad request is a 4xx with an OpenAI-style error body, never a 500). The
 response and chunk bodies are ``app._Shape``."""
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
 from ..errors import IFPError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -78,9 +79,6 @@ def _integer(body: dict, name: str, lo: int, default, hi: Optional[int] = None):
 # OpenAI fields this server does not implement: refused (400 "unsupported") unless they carry
 # their no-op value, so a client never believes it got logprobs, a tool call or JSON it did not.
 UNSUPPORTED = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (False, True),
     "functions": ([],),
     "function_call": ("none",),
     "logit_bias": ({},),
@@ -93,6 +91,7 @@ UNSUPPORTED = {
     "modalities": (["text"],),
     "prediction": (),
 }
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_DEPTH = 32  # JSON nesting a request may have (the deepest real one is ~5)
 
 
@@ -127,6 +126,73 @@ def _response_format(fmt: Any) -> Optional[str]:
         return json_grammar(schema)
     except IFPError as e:
         raise BadRequest(str(e), "response_format")
+
+
+def _tools(body: dict, chat: bool) -> Tuple[Optional[list], str, bool]:
+    """(tools, tool_choice, parallel_tool_calls): tool_choice is "none", "auto", "required"
+    or the name of the one tool the answer must call."""
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        tools = None
+    elif not chat:
+        raise BadRequest("'tools' need /v1/chat/completions", "tools")
+    elif not isinstance(tools, list):
+        raise BadRequest("'tools' must be a list of functions", "tools")
+    else:
+        names = set()
+        for i, t in enumerate(tools):
+            f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not TOOL_NAME.match(f["name"]):  # fmt: skip
+                raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                                 "{\"name\": ...}} with a name of up to 64 letters, digits, _ or -",
+                                 "tools")  # fmt: skip
+            if f["name"] in names:
+                raise BadRequest(f"tools[{i}]: the name {f['name']!r} is given twice", "tools")
+            names.add(f["name"])
+            if not isinstance(f.get("parameters", {}), dict):
+                raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object",
+                                 "tools")  # fmt: skip
+            if not isinstance(f.get("description", ""), str):
+                raise BadRequest(f"tools[{i}].function.description must be a string", "tools")
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    elif isinstance(choice, dict):
+        f = choice.get("function") if choice.get("type") == "function" else None
+        name = f.get("name") if isinstance(f, dict) else None
+        if not isinstance(name, str):
+            raise BadRequest("'tool_choice' must be none, auto, required or "
+                             "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+                             "tool_choice")  # fmt: skip
+        if not tools or name not in {t["function"]["name"] for t in tools}:
+            raise BadRequest(f"'tool_choice' names {name!r}, which is not in 'tools'",
+                             "tool_choice")  # fmt: skip
+        choice = {"name": name}
+    elif choice not in ("none", "auto", "required"):
+        raise BadRequest("'tool_choice' must be none, auto, required or a named function",
+                         "tool_choice")  # fmt: skip
+    if choice == "required" and not tools:
+        raise BadRequest("'tool_choice': 'required' needs 'tools'", "tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise BadRequest("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    return tools, choice, parallel
+
+
+def _tool_calls(calls: Any, i: int) -> list:
+    """An assistant message's earlier ``tool_calls`` (shown to the model again)."""
+    ok = isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", "{}"), (str, dict))
+        for c in calls
+    )  # fmt: skip
+    if not ok:
+        raise BadRequest(f"messages[{i}].tool_calls must be a list of "
+                         "{\"function\": {\"name\": ..., \"arguments\": ...}}", "messages")  # fmt: skip
+    return [{"id": str(c.get("id", "")), "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": c["function"].get("arguments", "{}")}} for c in calls]  # fmt: skip
 
 
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
@@ -171,6 +237,9 @@ class Request:
     logprobs: bool = False  # each answer token's log-probability
     grammar: Optional[str] = None  # the answer must follow it (response_format; llguidance)
     top_logprobs: int = 0  # and the most likely tokens at its place
+    tools: Optional[list] = None  # OpenAI function specs shown to the model
+    tool_choice: Any = "none"  # "none" | "auto" | "required" | {"name": the one to call}
+    parallel_tool_calls: bool = True  # False: one call at most
 
 
 def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
@@ -196,8 +265,16 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise BadRequest(f"messages[{i}] needs a role in {', '.join(ROLES)}", "messages")
-            prompt.append({"role": m["role"], "content": _content(m, i)})
-        if not any(m["content"].strip() for m in prompt):
+            calls = m.get("tool_calls") if m["role"] == "assistant" else None
+            if calls:  # an earlier turn that called tools: its content may be null
+                entry = {"role": "assistant", "content": "" if m.get("content") is None
+                         else _content(m, i), "tool_calls": _tool_calls(calls, i)}  # fmt: skip
+            else:
+                entry = {"role": m["role"], "content": _content(m, i)}
+            if m["role"] == "tool":
+                entry["tool_call_id"] = str(m.get("tool_call_id", ""))
+            prompt.append(entry)
+        if not any(m["content"].strip() or m.get("tool_calls") for m in prompt):
             raise BadRequest("the messages are empty", "messages")
     else:
         prompt = body.get("prompt")
@@ -219,6 +296,10 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
         top = _integer(body, "logprobs", 0, None, 5)
         logprobs, top = top is not None, top or 0
     grammar = _response_format(body.get("response_format"))
+    tools, tool_choice, parallel = _tools(body, chat)
+    if grammar is not None and tool_choice not in ("none", "auto"):
+        raise BadRequest("'response_format' and a required tool call cannot both shape the "
+                         "answer", "tool_choice")  # fmt: skip
     n = body.get("n", 1)
     if type(n) is not int or n != 1:
         raise BadRequest("only n = 1 is supported", "n")
@@ -260,5 +341,5 @@ def parse_request(body: Any, chat: bool, model_id: str, cfg: ServeConfig,
         max_tokens_given=given,
         stop=stop, stream=stream, include_usage=options.get("include_usage", False),
         keep=keep, predictor=predictor, policy=policy, logprobs=logprobs, top_logprobs=top,
-        grammar=grammar,
+        grammar=grammar, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
     )  # fmt: skip
