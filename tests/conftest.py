@@ -147,6 +147,26 @@ def tiny_q4(tmp_path_factory) -> Path:
     return root / "m"
 
 
+@pytest.fixture(scope="module")
+def bundled_server(smol_default):
+    """ifp-serve on the bundled default model (one per test module)."""
+    from tests.serving import KEY, Server
+
+    s = Server(smol_default, "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def random_server(smol_default, tmp_path_factory):
+    """ifp-serve on a random tiny model with SmolLM2's tokenizer (``serving.random_smol_server``)."""
+    from tests.serving import random_smol_server
+
+    s = random_smol_server(smol_default, tmp_path_factory.mktemp("random-server"))
+    yield s
+    s.stop()
+
+
 REAL_FIXTURES = {
     "smol_gguf",
     "smol_hf",
@@ -160,8 +180,8 @@ REAL_FIXTURES = {
 
 # The longest test files (measured on 2 cores), started first: ``--dist loadfile`` hands files
 # to the workers in collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = ("test_distributed", "test_real_gguf", "test_real_parity", "test_quant",
-                 "test_real_runtime", "test_serve", "test_bench", "test_structured",
+LONGEST_FIRST = ("test_structured", "test_tool_calls", "test_real_gguf", "test_real_parity",
+                 "test_quant", "test_real_runtime", "test_distributed", "test_serve", "test_bench",
                  "test_export", "test_serve_guard", "test_chat", "test_convert_errors")  # fmt: skip
 
 

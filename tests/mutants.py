@@ -883,7 +883,7 @@ ROUND_TWO = [
         "ifp_mlx/tools.py",
         '        schema["additionalProperties"] = False\n',
         "        pass\n",
-        ["tests/test_structured.py", "-m", "real", "-k", "random_model"],
+        ["tests/test_tool_calls.py", "-m", "real", "-k", "random_model"],
         "a forced call invents argument keys until max_tokens",
     ),
     M(
@@ -899,7 +899,7 @@ ROUND_TWO = [
         "ifp_mlx/serve/engine.py",
         '                finish = "tool_calls"\n',
         "                pass\n",
-        ["tests/test_structured.py", "-m", "real", "-k", "random_model"],
+        ["tests/test_tool_calls.py", "-m", "real", "-k", "random_model"],
         "an answer that called a tool ends with finish_reason stop",
     ),
     M(

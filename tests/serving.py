@@ -2,12 +2,38 @@
 
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
 
 KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct-8bit"  # the bundled server's model id (its folder's name)
+QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
+             "What colour is the sky?", "Name a prime number.", "What is 2 + 3?",
+             "Who wrote Hamlet?", "What is the largest ocean?", "Name a fruit.",
+             "What gas do plants take in?", "What is the boiling point of water in C?",
+             "Name a planet.", "What language is spoken in Spain?", "How many days in a week?",
+             "What is the opposite of hot?", "Name a mammal that flies.",
+             "What is the chemical symbol for gold?", "What shape has three sides?",
+             "Which animal says moo?", "What is frozen water called?",
+             "How many hours in a day?"]  # fmt: skip
+
+
+def random_smol_server(smol_default, root):
+    """ifp-serve on a random tiny llama that speaks SmolLM2's tokenizer (49k tokens, chat
+    template, room for a tools prompt): whatever it says, a grammar must still hold."""
+    from ifp_mlx.convert import convert
+    from tests.helpers import make_tiny_hf
+
+    src = make_tiny_hf("llama", root / "hf", seed=3, vocab_size=49152, eos_token_id=2,
+                       max_position_embeddings=1024)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smol_default / name).is_file():
+            shutil.copy(smol_default / name, src / name)
+    convert(src, root / "m", progress=False)
+    return Server(root / "m", "--api-key", KEY)
 
 
 def free_port() -> int:
