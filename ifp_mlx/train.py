@@ -131,7 +131,9 @@ class Trainer:
         check(cfg, units)
         hidden_size = int(model.model.embed_tokens.weight.shape[-1])
         pcfg = PredictorConfig(units, hidden_size, cfg.encoder_layers, cfg.hidden)
-        pcfg.recipe = {"trainer": "ifp-train (frozen LLM)", **asdict(cfg)}
+        protect = model.__dict__.get("_ifp_config", {}).get("protect")
+        pcfg.recipe = {"trainer": "ifp-train (frozen LLM)", **asdict(cfg), "protect": protect,
+                       "answer_end": True}  # fmt: skip
         mx.random.seed(cfg.seed)
         self.head = PredictorHead(pcfg)
         self.opt = optim.Adam(learning_rate=cfg.lr)

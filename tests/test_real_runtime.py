@@ -64,6 +64,31 @@ def test_bundled_model_ships_its_learned_predictor(smol_q4, tmp_path):
     assert (own / "predictor.safetensors").read_bytes() == b"mine"
 
 
+def test_the_default_ships_a_head_trained_on_its_own_weights(smol_default, tmp_path):
+    """The 8-bit default carries the head trained on the 8-bit weights (usable without
+    --predictor-any); a cache where an older ifp-mlx attached the 4-bit head gets it too."""
+    import shutil
+
+    from ifp_mlx.bundled import PREDICTOR_NAME, SHIPPED, attach_predictor
+    from ifp_mlx.errors import read_json, set_ifp_entries
+    from tests.helpers import read_config
+
+    assert read_config(smol_default)["ifp"]["predictor"]["trained_on"]["quantization"]["bits"] == 8
+    model, tok = ifp_mlx.load(smol_default)
+    assert model.default_predictor == "activation"
+    sel = model.select(tok.encode("Name three primary colors."), keep=0.5, predictor="learned")
+    assert sel.predictor == "learned" and sel.prefilled == 0
+    old = tmp_path / "old"
+    shutil.copytree(smol_default, old)
+    first = read_json(SHIPPED / f"{PREDICTOR_NAME}.predictor.json")
+    set_ifp_entries(old, predictor={k: v for k, v in first.items() if k != "trained_on"})
+    shutil.copy(SHIPPED / f"{PREDICTOR_NAME}.predictor.safetensors", old / "predictor.safetensors")
+    attach_predictor(old, 8)
+    assert read_config(old)["ifp"]["predictor"]["trained_on"]["quantization"]["bits"] == 8
+    ours = (SHIPPED / "SmolLM2-135M-Instruct-8bit.predictor.safetensors").read_bytes()
+    assert (old / "predictor.safetensors").read_bytes() == ours
+
+
 def test_real_sliced_equals_masked_dense(smol_q4):
     model, tok = ifp_mlx.load(smol_q4)
     ids = tok.encode("Plants need sunlight, water and air to grow.")
