@@ -3,8 +3,8 @@ the model's calls come out of its answer as OpenAI ``tool_calls``.
 
 A template that knows tools (Qwen2.5's ``{% if tools %}``) renders them itself, and mlx-lm names
 its call format (``tokenizer.tool_parser``, ``tool_call_start`` / ``tool_call_end``). A template
-that does not (SmolLM2's and Gemma 3's as bundled) gets the Hermes convention that Qwen2.5 and
-SmolLM2's instruction data use: the tools as JSON in a system message, each call answered as
+that does not (SmolLM2's and Gemma 3's as bundled) gets the Hermes convention, the format
+Qwen2.5's template writes: the tools as JSON in a system message, each call answered as
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, parsed by mlx-lm's ``json_tools``.
 
 ``tool_choice`` "required" or a named tool constrains the answer to one such call (llguidance),
