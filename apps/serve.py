@@ -42,6 +42,9 @@ def main(argv=None) -> None:
     p.add_argument("--policy", default="first-turn", help="default policy: first-turn | per-turn")
     add_store_flag(p)
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="requests that decode together, each on its own units (1: one at a "
+                   "time, in arrival order; default: %(default)s)")  # fmt: skip
     p.add_argument("--prompt-cache-size", type=int, default=8,
                    help="conversations whose KV cache and selected units are kept")  # fmt: skip
     p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30,
@@ -60,6 +63,8 @@ def main(argv=None) -> None:
             raise IFPError(f"--port must be in 1..65535, not {args.port}")
         if args.max_queue < 0 or args.max_body_mb <= 0 or args.max_tokens < 1:
             raise IFPError("--max-queue must be ≥ 0, --max-body-mb > 0, --max-tokens ≥ 1")
+        if args.batch_size < 1:
+            raise IFPError(f"--batch-size must be ≥ 1, not {args.batch_size}")
         if args.prompt_cache_size < 1 or args.prompt_cache_bytes < 0:
             raise IFPError("--prompt-cache-size must be ≥ 1 and --prompt-cache-bytes ≥ 0")
         if args.max_connections < 1 or not 0 < args.timeout < 1e6:
@@ -75,6 +80,7 @@ def main(argv=None) -> None:
                           args.allowed_origin, args.max_connections, args.timeout,
                           3 * args.timeout)  # fmt: skip
         cfg.verify_store, cfg.predictor_any = args.verify_store, args.predictor_any
+        cfg.batch_size = args.batch_size
         cfg.prompt_cache_size, cfg.prompt_cache_bytes = (
             args.prompt_cache_size,
             args.prompt_cache_bytes,

@@ -240,3 +240,43 @@ class tap_ffns:
         for mlp in self.ffns:
             mlp.down_proj = mlp.down_proj.inner
         return False
+
+
+class RowMasked(nn.Module):
+    """Wraps an FFN's down projection so each row of a batch computes its own pruned FFN on the
+    full (or a shared) set of units: the row's activations outside its units are zeroed and its
+    compensation bias is added. Used while several answers decode together
+    (``ifp_mlx.batch``); the sum over units then skips exactly the units the row dropped."""
+
+    def __init__(self, inner: nn.Module, mask: Optional[mx.array], delta: Optional[mx.array]):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_mask", mask)  # (rows, 1, units) 0/1, or None: all units
+        object.__setattr__(self, "_delta", delta)  # (rows, 1, hidden), or None: no bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._mask is not None:
+            x = x * self._mask
+        y = self.inner(x)
+        return y if self._delta is None else y + self._delta
+
+
+class row_masks:
+    """``with row_masks(model, masks, deltas):`` each FFN layer l masks row b's units by
+    ``masks[l][b]`` and adds ``deltas[l][b]`` (either None for the whole layer: every row keeps
+    every unit / adds nothing)."""
+
+    def __init__(self, model: nn.Module, masks: list, deltas: list):
+        self.ffns = [m for _, m in find_ffns(model)]
+        self.masks, self.deltas = masks, deltas
+
+    def __enter__(self):
+        for mlp, mask, delta in zip(self.ffns, self.masks, self.deltas):
+            if mask is not None or delta is not None:
+                mlp.down_proj = RowMasked(mlp.down_proj, mask, delta)
+
+    def __exit__(self, *exc):
+        for mlp in self.ffns:
+            if isinstance(mlp.down_proj, RowMasked):
+                mlp.down_proj = mlp.down_proj.inner
+        return False

@@ -223,6 +223,7 @@ class IFPMixin:
         cache: Optional[list] = None,
         block: int = 1,
         max_kl: Optional[float] = None,
+        materialize: bool = True,
     ) -> Selection:
         """Score the prompt, keep the top units per layer, materialize them; returns the Selection.
 
@@ -259,7 +260,7 @@ class IFPMixin:
         sel.expected_kl, sel.max_kl = choice.expected_kl, choice.max_kl
         sel.score_bytes_read = store.bytes_read - read0
         sel.compensation = result.compensation
-        return self.apply_selection(sel)
+        return self.apply_selection(sel) if materialize else sel
 
     def _top_units(self, scores: List[mx.array], ks: List[int], block: int) -> List[np.ndarray]:
         """Each layer's kept units from its scores (a sharded model agrees on them across
@@ -270,6 +271,34 @@ class IFPMixin:
         """Σ over a layer's FFN units (last axis) of a per-unit quantity, e.g. a token's
         squared activation norm (a sharded model adds the other ranks' units)."""
         return x.sum(-1, keepdims=True)
+
+    def row_terms(self, selection: Optional[Selection]) -> Tuple[list, list]:
+        """Per layer, the 0/1 mask over all of its units and the compensation bias that make
+        the full FFN compute exactly ``selection``'s compact one (None where the layer is kept
+        whole, or nothing is added); None: the dense model. Needs the full layers in memory
+        (``dense()``), as answers decoding together do (``ifp_mlx.batch``)."""
+        n = len(self.ffn_units)
+        if self.__dict__["_ifp_state"] != "dense":
+            raise IFPError("row_terms needs the full FFNs installed: call dense() first")
+        if selection is None:
+            return [None] * n, [None] * n
+        masks, deltas, comp = [], [], selection.compensation
+        for i, (idx, units) in enumerate(zip(selection.indices, selection.units)):
+            if len(idx) == units:
+                masks.append(None), deltas.append(None)
+                continue
+            mask = mx.zeros((units,), mx.float32)
+            mask[mx.array(idx)] = 1.0
+            masks.append(mask)
+            if comp is None:
+                deltas.append(None)
+                continue
+            down = self.__dict__["_ifp_mlps"][i].down_proj
+            dtype = down["scales"].dtype if "scales" in down else down["weight"].dtype
+            kept = (comp.unit_means[i] * mask)[None].astype(dtype)  # the same sum, zeros beside
+            delta = comp.output_means[i] - down(kept)[0].astype(mx.float32)  # as _compensate
+            deltas.append(delta.astype(dtype))
+        return masks, deltas
 
     @staticmethod
     def _compensate(compact: list, selection: Selection) -> List[mx.array]:

@@ -1,11 +1,13 @@
-"""The worker of ifp-serve: one thread owns the model (MLX runs one stream at a time) and runs
-``stream_generate``, unchanged, for each request in arrival order. Waiting requests form a
-bounded FIFO queue (full: 429 + Retry-After); a request whose client left while it waited is
-dropped before it runs. The last conversation's KV cache is kept: a request that resends it
+"""The worker of ifp-serve: one thread owns the model (MLX runs one stream at a time). With
+``--batch-size 1`` it runs ``stream_generate``, unchanged, for each request in arrival order;
+with more, requests that arrive while others run decode together (``ifp_mlx.batch``: one pass
+per token for all, each on its own units). Waiting requests form a bounded FIFO queue (full:
+429 + Retry-After); a request whose client left while it waited is dropped before it runs. The last conversation's KV cache is kept: a request that resends it
 plus a new message feeds only the new tokens, and under ``policy: "first-turn"`` also keeps
 the units it selected."""
 
 import asyncio
+import collections
 import json
 import queue
 import threading
@@ -55,6 +57,7 @@ class Engine:
         self.active = 0  # jobs admitted and not finished: the running one + those waiting
         self.served = 0  # jobs run
         self.dropped = 0  # jobs whose client left before they ran
+        self.running = 0  # answers decoding together (batched)
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self.load_error: Optional[BaseException] = None
@@ -66,14 +69,14 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            if self.active > self.cfg.max_queue:
+            if self.active >= self.cfg.max_queue + max(self.cfg.batch_size, 1):
                 raise QueueFull
             self.active += 1
         self.jobs.put(job)
 
     @property
     def waiting(self) -> int:
-        return max(self.active - 1, 0)
+        return max(self.active - max(self.running, 1), 0)
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -102,6 +105,8 @@ class Engine:
             self.ready.set()
             return
         self.ready.set()
+        if self.cfg.batch_size > 1 and self.group is None:
+            return self._serve_batched()
         while True:
             job, skip = self._next_job()
             if job is None:
@@ -120,6 +125,99 @@ class Engine:
                 with self.lock:
                     self.active -= 1
                 job.emit("end")
+
+    def _serve_batched(self) -> None:
+        """Requests that run at the same time decode together (``ifp_mlx.batch``): up to
+        ``batch_size`` answers, each on its own units, one pass per token for all of them. A
+        request joins at the next token; one that must run alone (``Turn.batchable``) waits
+        for the batch to empty, and the requests behind it wait too (arrival order)."""
+        from ..batch import step
+
+        rows: list = []  # (turn, row) decoding
+        waiting: collections.deque = collections.deque()  # taken from the queue, not started
+        closing = False
+        while True:
+            while not closing:  # what has arrived; wait only when there is nothing to do
+                try:
+                    job = self.jobs.get(block=not rows and not waiting)
+                except queue.Empty:
+                    break
+                if job is None:
+                    closing = True
+                else:
+                    waiting.append(job)
+            while waiting and len(rows) < self.cfg.batch_size:
+                job = waiting[0]
+                if job.cancelled.is_set():  # its client left while it waited
+                    waiting.popleft()
+                    self.dropped += 1
+                    self._end(job)
+                    continue
+                try:
+                    turn = Turn(self, job)
+                except Exception as e:
+                    waiting.popleft()
+                    self._fail(job, e)
+                    continue
+                if not turn.batchable and rows:
+                    turn.slot.busy = False
+                    break  # it runs alone once the batch is done
+                waiting.popleft()
+                self.served += 1
+                try:
+                    if not turn.batchable:
+                        self._generate(job, turn)
+                        self._end(job)
+                        continue
+                    row = turn.row()
+                    row.start(alone=not rows)
+                    rows.append((turn, row))
+                except Exception as e:
+                    turn.commit(None)
+                    self._fail(job, e)
+            self.running = len(rows)
+            if not rows:
+                if closing and not waiting:
+                    return
+                continue
+            try:
+                responses = step([row for _, row in rows], alone=len(rows) == 1)
+                for turn, _ in rows:
+                    turn.batch = max(turn.batch, len(rows))
+                finished = [t.feed(resp) for (t, _), resp in zip(rows, responses)]
+            except Exception as e:  # a bug in the shared pass: every answer in it fails
+                finished = [True] * len(rows)
+                for turn, _ in rows:
+                    turn.failed = e
+            for (turn, row), end in zip(list(rows), finished):
+                if end:
+                    rows.remove((turn, row))
+                    self._finish(turn, row.sel)
+
+    def _finish(self, turn: "Turn", selection) -> None:
+        """A batched answer is over: its conversation keeps its cache and units; the client
+        hears the end (or the failure of the pass)."""
+        try:
+            turn.commit(selection)
+            if getattr(turn, "failed", None) is not None:
+                raise turn.failed
+            turn.done()
+        except Exception as e:
+            self._fail(turn.job, e, end=False)
+        self._end(turn.job)
+
+    def _fail(self, job, e: BaseException, end: bool = True) -> None:
+        if isinstance(e, IFPError):
+            job.emit("error", str(e))
+        else:  # a bug: the request fails, the server goes on
+            job.emit("fatal", f"{type(e).__name__}: {e}")
+        if end:
+            self._end(job)
+
+    def _end(self, job) -> None:
+        with self.lock:
+            self.active -= 1
+        job.emit("end")
 
     def _next_job(self):
         """(job, skip it): from the queue, or on a sharded model from rank 0, which tells the
@@ -168,102 +266,163 @@ class Engine:
         out["top_logprobs"] = [entry(int(i)) for i in best]
         return out
 
-    def _generate(self, job: Job) -> None:
-        from ..generate import make_sampler, prompt_tokens, stream_generate
+    def _generate(self, job: Job, turn: Optional["Turn"] = None) -> None:
+        """``job`` alone: mlx-lm's loop through ``stream_generate``."""
+        from ..generate import stream_generate
 
-        r = job.request
+        turn = turn or Turn(self, job)
+        r = turn.request
+        stream = stream_generate(
+            self.model, self.tokenizer, turn.new, keep=r.keep, predictor=r.predictor,
+            max_tokens=turn.max_tokens, prompt_cache=turn.slot.cache.cache,
+            reselect=turn.reselect, sampler=turn.sampler,
+        )  # fmt: skip
+        try:
+            if turn.restored:  # its units again (another conversation ran in between)
+                self.model.apply_selection(turn.slot.selection)
+            for resp in stream:
+                if turn.feed(resp):
+                    break
+        finally:
+            stream.close()  # one generation per model: this one ends here
+            turn.commit(self.model.selection)
+        turn.done()
+
+
+class Turn:
+    """One request as the worker answers it: its prompt against the conversation it continues
+    (``Slots``), its sampler (grammar, forced tool call), and what reaches the client as each
+    token arrives (text held back for stop strings, logprobs, tool calls). The tokens come from
+    ``stream_generate`` (a request alone) or from a batch (``ifp_mlx.batch``)."""
+
+    def __init__(self, engine: "Engine", job):
+        from ..generate import make_sampler, prompt_tokens
+
+        self.engine, self.job = engine, job
+        r = self.request = job.request
+        tokenizer, model = engine.tokenizer, engine.model
         tools = r.tools if r.tool_choice != "none" else None  # "none": not shown at all
-        full = prompt_tokens(self.tokenizer, r.prompt, chat=r.chat, tools=tools)
-        full = self.model.check_tokens(full)
-        max_tokens, context = r.max_tokens, self.context
+        full = prompt_tokens(tokenizer, r.prompt, chat=r.chat, tools=tools)
+        full = self.full = model.check_tokens(full)
+        max_tokens, context = r.max_tokens, engine.context
         if context and len(full) + max_tokens > context:
             left = context - len(full)
             if r.max_tokens_given or left < 1:
                 raise IFPError(f"the model's context is {context} tokens: {len(full)} in the "
                                f"prompt leave {max(left, 0)}, max_tokens asks {max_tokens}")  # fmt: skip
             max_tokens = left  # the server's default, cut to what the context leaves
-        settings = {"keep": r.keep, "predictor": r.predictor}
-        slot = self.slots.take(full)  # the conversation this continues, or a new one
+        self.max_tokens = max_tokens
+        sampler = make_sampler(r.temperature, r.top_p, r.seed)
+        grammar, self.calls = r.grammar, None
+        if tools:  # the answer's tool calls come out as tool_calls; a forced one by grammar
+            from ..tools import CallSplitter, call_format
+            from ..tools import grammar as call_grammar
+
+            fmt = call_format(tokenizer)
+            forced = r.tool_choice if r.tool_choice != "auto" else None
+            if forced is not None:
+                grammar = call_grammar(fmt, tools, forced["name"] if isinstance(forced, dict) else None)  # fmt: skip
+            self.calls = CallSplitter(fmt, tools, single=forced is not None or not r.parallel_tool_calls)  # fmt: skip
+        if grammar is not None:  # structured output: only what the grammar allows
+            from ..constrain import Constrained
+
+            sampler = Constrained(tokenizer, model.vocab_size, grammar, sampler)
+        self.settings = {"keep": r.keep, "predictor": r.predictor}
+        slot = self.slot = engine.slots.take(full)  # the conversation this continues, or new
         new = slot.cache.new_tokens(full)
         # The same conversation, one turn on: the request resends the previous prompt whole.
         continues = 0 < slot.prompt <= len(full) - len(new)
         if not continues:  # a new conversation: exactly what a fresh generation computes
             slot.cache.reset()
             new = full
-        reselect = not (continues and r.policy == "first-turn" and slot.settings == settings
-                        and slot.selection is not None)  # fmt: skip
-        restored = not reselect and self.model.selection is not slot.selection
-        if restored:  # its units again (another conversation ran in between)
-            self.model.apply_selection(slot.selection)
-        sampler = make_sampler(r.temperature, r.top_p, r.seed)
-        grammar, calls = r.grammar, None
-        if tools:  # the answer's tool calls come out as tool_calls; a forced one by grammar
-            from ..tools import CallSplitter, call_format
-            from ..tools import grammar as call_grammar
+        self.new = new
+        self.reselect = not (continues and r.policy == "first-turn"
+                             and slot.settings == self.settings
+                             and slot.selection is not None)  # fmt: skip
+        self.restored = not self.reselect and model.selection is not slot.selection
+        self.sampler = sampler
+        self.generated, self.started, self.text, self.sent, self.finish = [], False, "", 0, None
+        self.hold = max((len(s) for s in r.stop), default=1) - 1
+        self.scored, self.spans, self.told = [], [], 0  # logprobs: entries, spans in text, sent
+        self.stats = None
+        self.batch = 1  # the most answers it decoded beside (itself included)
+        self.tic = time.perf_counter()
 
-            fmt = call_format(self.tokenizer)
-            forced = r.tool_choice if r.tool_choice != "auto" else None
-            if forced is not None:
-                grammar = call_grammar(fmt, tools, forced["name"] if isinstance(forced, dict) else None)  # fmt: skip
-            calls = CallSplitter(fmt, tools, single=forced is not None or not r.parallel_tool_calls)
-        if grammar is not None:  # structured output: only what the grammar allows
-            from ..constrain import Constrained
+    @property
+    def batchable(self) -> bool:
+        """Whether it may decode beside other requests: a seeded sampled answer runs alone (its
+        random draws must not interleave with another's), as does a sliding-window cache."""
+        from ..batch import batchable
 
-            sampler = Constrained(self.tokenizer, self.model.vocab_size, grammar, sampler)
-        stream = stream_generate(
-            self.model, self.tokenizer, new, keep=r.keep, predictor=r.predictor,
-            max_tokens=max_tokens, prompt_cache=slot.cache.cache, reselect=reselect,
-            sampler=sampler,
-        )  # fmt: skip
-        generated, started, text, sent, finish = [], False, "", 0, None
-        hold = max((len(s) for s in r.stop), default=1) - 1
-        scored, spans, told = [], [], 0  # logprobs: entries, (start, end) in text, sent
-        tic = time.perf_counter()
-        try:
-            for resp in stream:
-                if not started:
-                    started = True
-                    slot.settings, slot.prompt = settings, len(full)
-                    job.emit("start", {"prompt_tokens": len(full), "reused": len(full) - len(new),
-                                       "reselected": reselect})  # fmt: skip
-                if r.logprobs:
-                    scored.append(self._scored(resp, r.top_logprobs, generated[-3:]))
-                    spans.append((len(text), len(text) + len(resp.text)))
-                generated.append(resp.token)
-                text += resp.text
-                cut = min((i for i in map(text.find, r.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                elif resp.finish_reason:
-                    finish = resp.finish_reason
-                end = len(text) if finish else max(sent, len(text) - hold)
-                if r.logprobs:  # the tokens of the text sent now (at the end: all that show)
-                    n = told
-                    while n < len(spans) and _shown(spans[n], end, finish):
-                        n += 1
-                    if n > told:
-                        job.emit("logprobs", scored[told:n])
-                        told = n
-                if end > sent:
-                    _send(job, *(calls.feed(text[sent:end]) if calls else (text[sent:end], [])))
-                    sent = end
-                if self._stop(bool(finish) or job.cancelled.is_set()):
-                    break
-            stats = resp.ifp if started else None
-        finally:
-            stream.close()  # one generation per model: this one ends here
-            slot.cache.commit(full, generated, started)
-            slot.selection = self.model.selection if started else slot.selection
-            self.slots.trim()
-        if calls is not None:
-            _send(job, *calls.finish())
-            if calls.calls and finish == "stop":
+        r = self.request
+        return not (r.seed is not None and r.temperature > 0) and batchable(self.slot.cache.cache)
+
+    def row(self):
+        """This request as a row of a batch (``ifp_mlx.batch.Row``)."""
+        from ..batch import Row
+
+        r, slot = self.request, self.slot
+        return Row(self.engine.model, self.engine.tokenizer, self.new, slot.cache.cache,
+                   keep=r.keep, predictor=r.predictor, max_tokens=self.max_tokens,
+                   sampler=self.sampler, selection=None if self.reselect else slot.selection,
+                   reselect=self.reselect)  # fmt: skip
+
+    def feed(self, resp) -> bool:
+        """One token's response; True when the answer ends here (finished, a stop string, the
+        client gone)."""
+        job, r, engine = self.job, self.request, self.engine
+        if not self.started:
+            self.started = True
+            self.slot.settings, self.slot.prompt = self.settings, len(self.full)
+            job.emit("start", {"prompt_tokens": len(self.full),
+                               "reused": len(self.full) - len(self.new),
+                               "reselected": self.reselect})  # fmt: skip
+        if r.logprobs:
+            self.scored.append(engine._scored(resp, r.top_logprobs, self.generated[-3:]))
+            self.spans.append((len(self.text), len(self.text) + len(resp.text)))
+        self.generated.append(resp.token)
+        self.text += resp.text
+        self.stats = resp.ifp
+        cut = min((i for i in map(self.text.find, r.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish = self.text[:cut], "stop"
+        elif resp.finish_reason:
+            self.finish = resp.finish_reason
+        end = len(self.text) if self.finish else max(self.sent, len(self.text) - self.hold)
+        if r.logprobs:  # the tokens of the text sent now (at the end: all that show)
+            n = self.told
+            while n < len(self.spans) and _shown(self.spans[n], end, self.finish):
+                n += 1
+            if n > self.told:
+                job.emit("logprobs", self.scored[self.told : n])
+                self.told = n
+        if end > self.sent:
+            piece = self.text[self.sent : end]
+            _send(job, *(self.calls.feed(piece) if self.calls else (piece, [])))
+            self.sent = end
+        return engine._stop(bool(self.finish) or job.cancelled.is_set())
+
+    def commit(self, selection) -> None:
+        """The conversation's cache and units after this answer (finished, stopped or failed)."""
+        slot = self.slot
+        slot.busy = False
+        slot.cache.commit(self.full, self.generated, self.started)
+        slot.selection = selection if self.started else slot.selection
+        self.engine.slots.trim()
+
+    def done(self) -> None:
+        finish = self.finish
+        if self.calls is not None:
+            _send(self.job, *self.calls.finish())
+            if self.calls.calls and finish == "stop":
                 finish = "tool_calls"
-        job.emit("done", {
+        self.job.emit("done", {
             "finish_reason": finish or "length",
-            "completion_tokens": len(generated),
-            "ifp": {**_ifp_fields(stats, reselect, len(full) - len(new),
-                                  (time.perf_counter() - tic) * 1e3), "restored_units": restored},
+            "completion_tokens": len(self.generated),
+            "ifp": {**_ifp_fields(self.stats if self.started else None, self.reselect,
+                                  len(self.full) - len(self.new),
+                                  (time.perf_counter() - self.tic) * 1e3),
+                    "restored_units": self.restored, "batch": self.batch},
         })  # fmt: skip
 
 

@@ -23,6 +23,7 @@ class Slot:
     prompt: int = 0  # the last request's prompt length in tokens (0: nothing answered yet)
     settings: Optional[dict] = None  # its keep / predictor
     selection: Optional[object] = None  # the units it was answered with (None: dense)
+    busy: bool = False  # an answer is being written into it (batched: never shared)
 
     @property
     def nbytes(self) -> int:
@@ -39,6 +40,8 @@ class Slots:
         the longest such wins), or a new one; either is now the most recently used."""
         best, longest = None, 0
         for slot in self.slots:
+            if slot.busy:  # the same conversation sent twice at once: the second starts anew
+                continue
             n = common_prefix_len(slot.cache.tokens, full)
             if slot.prompt and n >= slot.prompt and n > longest:
                 best, longest = slot, n
@@ -48,6 +51,7 @@ class Slots:
             self.slots.remove(best)
         self.slots.insert(0, best)
         self.trim()
+        best.busy = True
         return best
 
     def trim(self) -> None:
