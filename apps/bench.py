@@ -86,7 +86,17 @@ def main(argv=None) -> None:
     sv = add_subcommand(sub, "serve", help="load test of ifp-serve: concurrent mixed requests")
     sv.add_argument("--model", help=MODEL_HELP)
     sv.add_argument("--requests", type=int, default=200, help="requests sent in all")
-    sv.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    sv.add_argument("--clients", type=int, nargs="+", default=None,
+                    help="concurrent clients (default: 8; --throughput: 1 2 4 8)")  # fmt: skip
+    sv.add_argument("--throughput", action="store_true",
+                    help="instead of the load test: FIFO (--batch-size 1) vs batched answer "
+                    "tokens/s, latency and TTFT at each --clients")  # fmt: skip
+    sv.add_argument("--batch-size", type=int, default=8,
+                    help="--throughput: the batched server's --batch-size (default: %(default)s)")  # fmt: skip
+    sv.add_argument("--per-client", type=int, default=2,
+                    help="--throughput: questions each client asks in turn (default: %(default)s)")  # fmt: skip
+    sv.add_argument("--keep", type=keep_arg, default=None,
+                    help="--throughput: the requests' keep (default: the folder's)")  # fmt: skip
     sv.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
     sv.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue")
     sv.add_argument(
@@ -206,11 +216,31 @@ def run_distributed(args) -> None:
 
 
 def run_serve(args) -> None:
-    from ..bench.serve import run_serve_load
+    from ..bench.serve import run_serve_load, run_serve_throughput
     from ..errors import IFPError
 
-    if args.requests < 1 or args.clients < 1 or args.max_tokens < 1 or args.max_queue < 0:
+    clients = args.clients or ([1, 2, 4, 8] if args.throughput else [8])
+    if args.requests < 1 or min(clients) < 1 or args.max_tokens < 1 or args.max_queue < 0:
         raise IFPError("--requests, --clients, --max-tokens must be ≥ 1, --max-queue ≥ 0")
+    if args.batch_size < 2 or args.per_client < 1:
+        raise IFPError("--batch-size must be ≥ 2 (it is compared with 1) and --per-client ≥ 1")
+    if args.throughput:
+        r = run_serve_throughput(args.model, clients, args.batch_size, args.per_client,
+                                 args.max_tokens, args.keep)  # fmt: skip
+        print(f"{r['model']}: FIFO vs --batch-size {args.batch_size}, {args.per_client} greedy "
+              f"questions per client, ≤ {args.max_tokens} tokens each")  # fmt: skip
+        print(f"{'server':>8} {'clients':>7} {'tok/s':>7} {'vs FIFO':>8} {'req/s':>6} "
+              f"{'p50 ms':>8} {'p95 ms':>8} {'TTFT p50':>9} {'batch':>5} {'same':>5}")  # fmt: skip
+        for row in r["rows"]:
+            print(f"{row['server']:>8} {row['clients']:7d} {row['tokens_per_s']:7.2f} "
+                  f"{row['vs_fifo']:7.2f}x {row['requests_per_s']:6.2f} "
+                  f"{row['latency_ms']['p50']:8.0f} {row['latency_ms']['p95']:8.0f} "
+                  f"{row['ttft_ms']['p50']:9.0f} {row['largest_batch']:5d} "
+                  f"{100 * row['same_as_fifo']:4.0f}%")  # fmt: skip
+        return write_json(args.json, r)
+    if len(clients) != 1:
+        raise IFPError("the load test takes one --clients (several: with --throughput)")
+    args.clients = clients[0]
     r = run_serve_load(args.model, args.requests, args.clients, args.max_tokens, args.max_queue)
     print(f"{r['model']}: {r['requests']} requests from {r['clients']} clients in "
           f"{r['wall_s']:.1f} s ({r['throughput_rps']:.2f} answered/s)")  # fmt: skip

@@ -225,10 +225,10 @@ def forward(rows: List[Row], inputs: List[List[int]], alone: bool) -> mx.array:
         if len(rows) == 1:
             row, tokens, logits = rows[0], inputs[0], None
             for start in range(0, len(tokens), PREFILL_STEP):
-                logits = model(
-                    mx.array(tokens[start : start + PREFILL_STEP])[None], cache=row.cache
-                )
-                mx.eval(logits, [c.state for c in row.cache])
+                chunk = mx.array(tokens[start : start + PREFILL_STEP])[None]
+                logits = model(chunk, cache=row.cache)
+                if len(tokens) > 1:  # a prompt: one chunk at a time (a token: with sampling)
+                    mx.eval(logits, [c.state for c in row.cache])
             return logits[:, -1]
         caches = [BatchKVCache.merge([r.cache[layer] for r in rows]) for layer in range(len(rows[0].cache))]  # fmt: skip
         logits = model(mx.array(inputs), cache=caches)[:, -1]
@@ -236,7 +236,6 @@ def forward(rows: List[Row], inputs: List[List[int]], alone: bool) -> mx.array:
             k, v = bc.keys[..., bc._idx - 1 : bc._idx, :], bc.values[..., bc._idx - 1 : bc._idx, :]
             for i, row in enumerate(rows):
                 row.cache[layer].update_and_fetch(k[i : i + 1], v[i : i + 1])
-        mx.eval(logits, [c.state for r in rows for c in r.cache])
         return logits
 
 
@@ -245,5 +244,5 @@ def step(rows: List[Row], alone: bool) -> List[IFPResponse]:
     logits = forward(rows, [[r.y] for r in rows], alone)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     tokens = [r.sampler(logprobs[i : i + 1]) for i, r in enumerate(rows)]
-    mx.eval(tokens, logprobs)
+    mx.eval(tokens, logprobs, [c.state for r in rows for c in r.cache])
     return [r.take(int(t.item()), logprobs[i]) for i, (r, t) in enumerate(zip(rows, tokens))]

@@ -913,6 +913,50 @@ ROUND_TWO = [
 ]
 MUTANTS += ROUND_TWO
 
+BATCH = [  # answers decoding together (ifp_mlx.batch, ifp-serve --batch-size)
+    M(
+        "batch-no-masks",
+        "ifp_mlx/batch.py",
+        "    return any(r.sel is not None for r in rows)\n",
+        "    return False\n",
+        ["tests/test_batch.py", "-k", "rows_decode"],
+        "rows decoding together run the full FFNs, not their own units",
+    ),
+    M(
+        "batch-no-compensation",
+        "ifp_mlx/selection.py",
+        "            deltas.append(delta.astype(dtype))\n",
+        "            deltas.append(None)\n",
+        ["tests/test_batch.py", "-k", "masked_full"],
+        "a masked row loses its dropped units' mean output",
+    ),
+    M(
+        "batch-no-kv-write-back",
+        "ifp_mlx/batch.py",
+        "                row.cache[layer].update_and_fetch(k[i : i + 1], v[i : i + 1])\n",
+        "                pass\n",
+        ["tests/test_batch.py", "-k", "rows_decode"],
+        "a batched token's keys and values never reach its row's cache",
+    ),
+    M(
+        "batch-no-reselection",
+        "ifp_mlx/batch.py",
+        "            self._reselect()\n",
+        "            pass\n",
+        ["tests/test_batch.py", "-k", "rows_decode"],
+        "a batched row keeps its prompt's units: no dense head end, no reselection",
+    ),
+    M(
+        "batch-shared-slot",
+        "ifp_mlx/serve/slots.py",
+        "            if slot.busy:",
+        "            if False:",
+        ["tests/test_batch.py", "-k", "twice"],
+        "two answers at once write one conversation's cache",
+    ),
+]
+MUTANTS += BATCH
+
 
 def _tree(dst: Path) -> None:
     """A copy of the working tree importable as ``ifp_mlx`` (convert/ and apps/ linked in as

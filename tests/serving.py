@@ -21,9 +21,9 @@ QUESTIONS = ["What is the capital of France?", "How many legs does a spider have
              "How many hours in a day?"]  # fmt: skip
 
 
-def random_smol_server(smol_default, root):
-    """ifp-serve on a random tiny llama that speaks SmolLM2's tokenizer (49k tokens, chat
-    template, room for a tools prompt): whatever it says, a grammar must still hold."""
+def random_smol_folder(smol_default, root):
+    """A random tiny llama that speaks SmolLM2's tokenizer (49k tokens, chat template, room for
+    a tools prompt): whatever it says, a grammar must still hold."""
     from ifp_mlx.convert import convert
     from tests.helpers import make_tiny_hf
 
@@ -33,7 +33,12 @@ def random_smol_server(smol_default, root):
         if (smol_default / name).is_file():
             shutil.copy(smol_default / name, src / name)
     convert(src, root / "m", progress=False)
-    return Server(root / "m", "--api-key", KEY)
+    return root / "m"
+
+
+def random_smol_server(smol_default, root):
+    """ifp-serve on :func:`random_smol_folder`."""
+    return Server(random_smol_folder(smol_default, root), "--api-key", KEY)
 
 
 def free_port() -> int:

@@ -39,10 +39,12 @@ class _Client:
     def __init__(self, port: int, timeout: float):
         self.port, self.timeout = port, timeout
 
-    def chat(self, messages: list, max_tokens: int) -> dict:
+    def chat(self, messages: list, max_tokens: int, keep=0.5) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         try:
-            body = {"messages": messages, "max_tokens": max_tokens, "keep": 0.5}
+            body = {"messages": messages, "max_tokens": max_tokens}
+            if keep is not None:  # None: the server's (the folder's) default
+                body["keep"] = keep
             conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
                          headers={"Content-Type": "application/json"})  # fmt: skip
             res = conn.getresponse()
@@ -106,27 +108,41 @@ def _conversation_ttft(client: "_Client", max_tokens: int) -> dict:
     return out
 
 
+def _start(model: Optional[str], flags: List[str], timeout: float):
+    """ifp-serve on a free loopback port, up and answering /health: (process, port)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "ifp_mlx.apps.serve", "--port", str(port), *flags]
+    cmd += ["--model", str(model)] if model else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ifp-serve exited: {proc.stderr.read()[-500:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("ifp-serve did not start")
+            time.sleep(0.2)
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_serve_load(model: Optional[str], requests: int, clients: int, max_tokens: int,
                    max_queue: int = 8, timeout: float = 120.0) -> dict:  # fmt: skip
-    port = _free_port()
-    cmd = [sys.executable, "-m", "ifp_mlx.apps.serve", "--port", str(port),
-           "--max-queue", str(max_queue)] + (["--model", str(model)] if model else [])  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, port = _start(model, ["--max-queue", str(max_queue)], timeout)
     try:
         client = _Client(port, timeout)
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ifp-serve exited: {proc.stderr.read()[-500:]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("ifp-serve did not start")
-                time.sleep(0.2)
         client.send("plain", max_tokens, -1)  # warm-up: first-use allocations are not a leak
         reuse = _conversation_ttft(client, max_tokens)
         time.sleep(0.5)
@@ -155,11 +171,7 @@ def run_serve_load(model: Optional[str], requests: int, clients: int, max_tokens
         after = _rss_mb(proc.pid)
         alive = proc.poll() is None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
     valid = [r for r in results if r["kind"] in ("plain", "stream")]
     answered = [r for r in valid if r["status"] == 200]
     invalid = [r for r in results if r["kind"] in ("invalid", "bad-json")]
@@ -187,3 +199,77 @@ def run_serve_load(model: Optional[str], requests: int, clients: int, max_tokens
         "server_alive": alive,
         "conversation_ttft_ms": reuse,
     }
+
+
+QUESTIONS = ["Name a fruit and its colour.", "What is the capital of Italy?",
+             "Give one reason to drink water.", "How many legs does a cat have?",
+             "Name a large ocean.", "What do bees make?", "Say something about the moon.",
+             "Which season is the coldest?", "Name a musical instrument.",
+             "What is 3 + 4?", "Name a planet near the sun.", "Why do leaves fall?"]  # fmt: skip
+
+
+def run_serve_throughput(model: Optional[str], clients: List[int], batch_size: int,
+                         per_client: int = 2, max_tokens: int = 32, keep=None,
+                         timeout: float = 1800.0) -> dict:  # fmt: skip
+    """FIFO (``--batch-size 1``) vs batched (``--batch-size N``) at each number of concurrent
+    clients: every client sends ``per_client`` distinct greedy questions one after the other
+    (at most ``max_tokens`` each; an answer may end sooner). Reported per server
+    and client count: answer tokens per second over the wall time, requests per second,
+    latency and server TTFT percentiles, and whether each answer equals the FIFO server's
+    (greedy: the same units, the same tokens)."""
+    out = {"model": Path(model).resolve().name if model else "bundled SmolLM2-135M-Instruct 8-bit",
+           "max_tokens": max_tokens, "per_client": per_client, "batch_size": batch_size,
+           "keep": keep, "rows": []}  # fmt: skip
+    answers: dict = {}
+    for mode, size in (("fifo", 1), ("batched", batch_size)):
+        proc, port = _start(model, ["--batch-size", str(size), "--max-queue", "64"], timeout)
+        try:
+            client = _Client(port, timeout)
+            client.chat([{"role": "user", "content": "Hi."}], 2, keep)  # warm-up
+            for n in clients:
+                results: List[dict] = []
+                lock = threading.Lock()
+
+                def worker(c: int):
+                    for j in range(per_client):
+                        q = QUESTIONS[(c * per_client + j) % len(QUESTIONS)]
+                        tic = time.perf_counter()
+                        r = client.chat([{"role": "user", "content": q}], max_tokens, keep)
+                        with lock:
+                            results.append({"q": q, "ms": (time.perf_counter() - tic) * 1e3,
+                                            "text": r["choices"][0]["message"]["content"],
+                                            "tokens": r["usage"]["completion_tokens"],
+                                            "ttft_ms": r["ifp"]["ttft_ms"],
+                                            "batch": r["ifp"].get("batch", 1)})  # fmt: skip
+
+                tic = time.perf_counter()
+                threads = [threading.Thread(target=worker, args=(c,)) for c in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - tic
+                lat = np.array([r["ms"] for r in results])
+                ttft = np.array([r["ttft_ms"] for r in results])
+                texts = {r["q"]: r["text"] for r in results}
+                if mode == "fifo":
+                    answers[n] = texts
+                same = [texts[q] == answers[n].get(q) for q in texts]
+                out["rows"].append({
+                    "server": mode, "batch_size": size, "clients": n, "requests": len(results),
+                    "tokens": sum(r["tokens"] for r in results), "wall_s": wall,
+                    "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+                    "requests_per_s": len(results) / wall,
+                    "latency_ms": {"p50": float(np.percentile(lat, 50)),
+                                   "p95": float(np.percentile(lat, 95))},
+                    "ttft_ms": {"p50": float(np.percentile(ttft, 50)),
+                                "p95": float(np.percentile(ttft, 95))},
+                    "largest_batch": max(r["batch"] for r in results),
+                    "same_as_fifo": sum(same) / len(same),
+                })  # fmt: skip
+        finally:
+            _stop(proc)
+    for row in out["rows"]:
+        fifo = next(r for r in out["rows"] if r["server"] == "fifo" and r["clients"] == row["clients"])  # fmt: skip
+        row["vs_fifo"] = row["tokens_per_s"] / fifo["tokens_per_s"]
+    return out
