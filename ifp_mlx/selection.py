@@ -92,6 +92,15 @@ class Selection:
         return self.bytes / (self.materialize_ms * 1e6) if self.materialize_ms else 0.0
 
 
+def _dropped_mean(comp, layer: int, down, kept: mx.array) -> mx.array:
+    """The dropped units' mean output over the prompt: the dense FFN's mean output minus what
+    ``down`` makes of the kept units' mean activations ``kept`` (the compact units, or all
+    units with the dropped ones zeroed: the same sum), in ``down``'s dtype."""
+    dtype = down["scales"].dtype if "scales" in down else down["weight"].dtype
+    delta = comp.output_means[layer] - down(kept[None].astype(dtype))[0].astype(mx.float32)
+    return delta.astype(dtype)
+
+
 def _arrays(module) -> List[mx.array]:
     return [v for v in module.values() if isinstance(v, mx.array)]
 
@@ -294,10 +303,7 @@ class IFPMixin:
                 deltas.append(None)
                 continue
             down = self.__dict__["_ifp_mlps"][i].down_proj
-            dtype = down["scales"].dtype if "scales" in down else down["weight"].dtype
-            kept = (comp.unit_means[i] * mask)[None].astype(dtype)  # the same sum, zeros beside
-            delta = comp.output_means[i] - down(kept)[0].astype(mx.float32)  # as _compensate
-            deltas.append(delta.astype(dtype))
+            deltas.append(_dropped_mean(comp, i, down, comp.unit_means[i] * mask))
         return masks, deltas
 
     @staticmethod
@@ -310,10 +316,8 @@ class IFPMixin:
             if len(idx) == selection.units[i]:
                 continue
             down = mods[2]
-            kept = comp.unit_means[i][mx.array(idx)]
-            dtype = down["scales"].dtype if "scales" in down else down["weight"].dtype
-            delta = comp.output_means[i] - down(kept[None].astype(dtype))[0].astype(mx.float32)
-            down.bias = (down["bias"] + delta if "bias" in down else delta).astype(dtype)
+            delta = _dropped_mean(comp, i, down, comp.unit_means[i][mx.array(idx)])
+            down.bias = down["bias"] + delta if "bias" in down else delta
             biases.append(down.bias)
         return biases
 

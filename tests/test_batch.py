@@ -228,7 +228,7 @@ def _two_turns_at_once(server, concurrent: bool) -> list:
         if concurrent:
             gate.wait()
         out[i] = server.request("POST", "/v1/chat/completions",
-                                {"messages": seconds[i], "max_tokens": 30, "keep": 1.0})[1]  # fmt: skip
+                                {"messages": seconds[i], "max_tokens": 10, "keep": 1.0})[1]  # fmt: skip
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
     for t in threads:
@@ -242,8 +242,9 @@ def _two_turns_at_once(server, concurrent: bool) -> list:
 
 def test_one_conversation_continued_twice_at_once(folder):
     """Two second turns of one conversation decoding together: one continues its cache, the
-    other starts anew (a cache is never written by two answers). Dense, so which of the two
-    arrives first does not change the answers: those of the FIFO server."""
+    other starts anew (a cache is never written by two answers). Dense and short, so which of
+    the two arrives first does not change the answers: those of the FIFO server (a shared
+    cache garbles both)."""
     answers = []
     for flags, concurrent in (((), False), (("--batch-size", "4"), True)):
         server = Server(folder, "--api-key", KEY, *flags)
