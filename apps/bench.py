@@ -92,7 +92,8 @@ def main(argv=None) -> None:
                     help="instead of the load test: FIFO (--batch-size 1) vs batched answer "
                     "tokens/s, latency and TTFT at each --clients")  # fmt: skip
     sv.add_argument("--batch-size", type=int, default=8,
-                    help="--throughput: the batched server's --batch-size (default: %(default)s)")  # fmt: skip
+                    help="the server's --batch-size (--throughput: the batched one, compared "
+                    "with 1; default: %(default)s)")  # fmt: skip
     sv.add_argument("--per-client", type=int, default=2,
                     help="--throughput: questions each client asks in turn (default: %(default)s)")  # fmt: skip
     sv.add_argument("--keep", type=keep_arg, default=None,
@@ -222,8 +223,9 @@ def run_serve(args) -> None:
     clients = args.clients or ([1, 2, 4, 8] if args.throughput else [8])
     if args.requests < 1 or min(clients) < 1 or args.max_tokens < 1 or args.max_queue < 0:
         raise IFPError("--requests, --clients, --max-tokens must be ≥ 1, --max-queue ≥ 0")
-    if args.batch_size < 2 or args.per_client < 1:
-        raise IFPError("--batch-size must be ≥ 2 (it is compared with 1) and --per-client ≥ 1")
+    if args.batch_size < 1 + args.throughput or args.per_client < 1:
+        raise IFPError("--batch-size must be ≥ 1 (--throughput: ≥ 2, it is compared with 1) and "
+                       "--per-client ≥ 1")  # fmt: skip
     if args.throughput:
         r = run_serve_throughput(args.model, clients, args.batch_size, args.per_client,
                                  args.max_tokens, args.keep)  # fmt: skip
@@ -241,7 +243,8 @@ def run_serve(args) -> None:
     if len(clients) != 1:
         raise IFPError("the load test takes one --clients (several: with --throughput)")
     args.clients = clients[0]
-    r = run_serve_load(args.model, args.requests, args.clients, args.max_tokens, args.max_queue)
+    r = run_serve_load(args.model, args.requests, args.clients, args.max_tokens, args.max_queue,
+                       batch_size=args.batch_size)  # fmt: skip
     print(f"{r['model']}: {r['requests']} requests from {r['clients']} clients in "
           f"{r['wall_s']:.1f} s ({r['throughput_rps']:.2f} answered/s)")  # fmt: skip
     print(f"answered {r['answered']}, 429 {r['busy_429']}, cancelled {r['cancelled']}, invalid "

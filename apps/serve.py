@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("--policy", default="first-turn", help="default policy: first-turn | per-turn")
     add_store_flag(p)
     p.add_argument("--max-queue", type=int, default=8, help="requests waiting; more get 429")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=int, default=8,
                    help="requests that decode together, each on its own units (1: one at a "
                    "time, in arrival order; default: %(default)s)")  # fmt: skip
     p.add_argument("--prompt-cache-size", type=int, default=8,

@@ -954,6 +954,14 @@ BATCH = [  # answers decoding together (ifp_mlx.batch, ifp-serve --batch-size)
         ["tests/test_batch.py", "-k", "twice"],
         "two answers at once write one conversation's cache",
     ),
+    M(
+        "batch-no-restore",
+        "ifp_mlx/serve/engine.py",
+        "sampler=self.sampler, selection=None if self.reselect else slot.selection,",
+        "sampler=self.sampler, selection=None,",
+        ["tests/test_batch.py", "-k", "alternating"],
+        "a batched conversation's next turn selects anew instead of using its units",
+    ),
 ]
 MUTANTS += BATCH
 

@@ -151,7 +151,7 @@ def test_batched_server_answers_as_fifo(smol_random):
     """Six requests sent at once to ``--batch-size 4`` (plain, the same conversation twice, dense
     with logprobs, a stop string, JSON mode, a seeded sample that runs alone) get the answers
     the one-at-a-time server gives them; at least two decoded together."""
-    fifo = Server(smol_random, "--api-key", KEY)
+    fifo = Server(smol_random, "--api-key", KEY, "--batch-size", "1")
     try:
         want = _answers(fifo, concurrent=False)
     finally:
@@ -246,7 +246,7 @@ def test_one_conversation_continued_twice_at_once(folder):
     the two arrives first does not change the answers: those of the FIFO server (a shared
     cache garbles both)."""
     answers = []
-    for flags, concurrent in (((), False), (("--batch-size", "4"), True)):
+    for flags, concurrent in ((("--batch-size", "1"), False), (("--batch-size", "4"), True)):
         server = Server(folder, "--api-key", KEY, *flags)
         try:
             answers.append(_two_turns_at_once(server, concurrent))
@@ -257,3 +257,54 @@ def test_one_conversation_continued_twice_at_once(folder):
         f["choices"][0]["message"]["content"] for f in fifo]  # fmt: skip
     assert max(b["ifp"]["batch"] for b in batched) == 2
     assert sorted(b["usage"]["prompt_tokens_details"]["cached_tokens"] > 0 for b in batched) == [False, True]  # fmt: skip
+
+
+def _alternating(server) -> list:
+    """Two conversations taking turns (first-turn policy): their second turns reuse their own
+    units, materialized again from the stored selection."""
+    convs = [[{"role": "user", "content": "w5 w6 w7"}], [{"role": "user", "content": "w9 w3"}]]
+    out = []
+    for turn in range(2):
+        for c in convs:
+            if turn:
+                c.append({"role": "user", "content": "w8"})
+            body = server.request("POST", "/v1/chat/completions",
+                                  {"messages": c, "max_tokens": 8, "keep": 0.5})[1]  # fmt: skip
+            c.append(body["choices"][0]["message"])
+            out.append((body["choices"][0]["message"]["content"], body["ifp"]["reselected"],
+                        body["ifp"]["restored_units"]))  # fmt: skip
+    return out
+
+
+def test_alternating_conversations_keep_their_units_batched(folder):
+    """The batched server (its default) answers two alternating conversations as the FIFO
+    server does: each second turn restores its own units instead of selecting again."""
+    answers = []
+    for size in ("1", "8"):
+        server = Server(folder, "--api-key", KEY, "--batch-size", size)
+        try:
+            answers.append(_alternating(server))
+        finally:
+            server.stop()
+    assert answers[1] == answers[0]
+    assert [a[1:] for a in answers[1][2:]] == [(False, True), (False, True)]
+
+
+def test_bench_throughput_compares_fifo_and_batched(folder, tmp_path):
+    """``ifp-bench serve --throughput``: FIFO and batched rows at each client count, answers
+    compared with FIFO's (all equal), the JSON naming the model, not a path."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "t.json"
+    res = subprocess.run([sys.executable, "-m", "ifp_mlx.apps.bench", "serve", "--throughput",
+                          "--model", str(folder), "--clients", "1", "3", "--per-client", "2",
+                          "--max-tokens", "12", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    r = json.loads(out.read_text())
+    assert [(row["server"], row["clients"]) for row in r["rows"]] == [
+        ("fifo", 1), ("fifo", 3), ("batched", 1), ("batched", 3)]  # fmt: skip
+    assert all(row["same_as_fifo"] == 1.0 and row["tokens"] > 0 for row in r["rows"])
+    assert r["model"] == folder.name and str(tmp_path) not in out.read_text()
+    assert "vs FIFO" in res.stdout

@@ -26,7 +26,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    s = Server(folder, "--api-key", KEY, "--max-body-mb", "0.05", "--max-queue", "0")
+    s = Server(
+        folder, "--api-key", KEY, "--max-body-mb", "0.05", "--max-queue", "0", "--batch-size", "1"
+    )  # one request at a time: the FIFO path and its queue
     yield s
     s.stop()
 

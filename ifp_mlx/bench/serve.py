@@ -139,8 +139,9 @@ def _stop(proc) -> None:
 
 
 def run_serve_load(model: Optional[str], requests: int, clients: int, max_tokens: int,
-                   max_queue: int = 8, timeout: float = 120.0) -> dict:  # fmt: skip
-    proc, port = _start(model, ["--max-queue", str(max_queue)], timeout)
+                   max_queue: int = 8, timeout: float = 120.0, batch_size: int = 8) -> dict:  # fmt: skip
+    flags = ["--max-queue", str(max_queue), "--batch-size", str(batch_size)]
+    proc, port = _start(model, flags, timeout)
     try:
         client = _Client(port, timeout)
         client.send("plain", max_tokens, -1)  # warm-up: first-use allocations are not a leak
@@ -182,6 +183,7 @@ def run_serve_load(model: Optional[str], requests: int, clients: int, max_tokens
         "clients": clients,
         "max_tokens": max_tokens,
         "max_queue": max_queue,
+        "batch_size": batch_size,
         "answered": len(answered),
         "busy_429": sum(r["status"] == 429 for r in results),
         "server_errors": sum(r["status"] >= 500 for r in results),

@@ -35,7 +35,7 @@ class ServeConfig:
     prompt_cache_size: int = 8  # conversations kept (KV cache + selection each)
     prompt_cache_bytes: int = 1 << 30  # and the most bytes their KV caches hold
     predictor_any: bool = False  # a learned predictor trained on other weights is used
-    batch_size: int = 1  # answers decoding together (1: one request at a time, FIFO)
+    batch_size: int = 8  # answers decoding together (1: one request at a time, FIFO)
 
 
 class BadRequest(Exception):
