@@ -271,8 +271,9 @@ def _alternating(server) -> list:
             body = server.request("POST", "/v1/chat/completions",
                                   {"messages": c, "max_tokens": 8, "keep": 0.5})[1]  # fmt: skip
             c.append(body["choices"][0]["message"])
-            out.append((body["choices"][0]["message"]["content"], body["ifp"]["reselected"],
-                        body["ifp"]["restored_units"]))  # fmt: skip
+            ifp = body["ifp"]  # a restored turn runs no predictor: select_ms 0
+            out.append((body["choices"][0]["message"]["content"], ifp["reselected"],
+                        ifp["restored_units"], ifp["select_ms"] == 0))  # fmt: skip
     return out
 
 
@@ -287,7 +288,7 @@ def test_alternating_conversations_keep_their_units_batched(folder):
         finally:
             server.stop()
     assert answers[1] == answers[0]
-    assert [a[1:] for a in answers[1][2:]] == [(False, True), (False, True)]
+    assert [a[1:] for a in answers[1][2:]] == [(False, True, True), (False, True, True)]
 
 
 def test_bench_throughput_compares_fifo_and_batched(folder, tmp_path):

@@ -31,7 +31,7 @@ def folder(tmp_path_factory):
 def server(folder):
     s = Server(folder, "--api-key", KEY, "--allowed-host", "ifp.local",
                "--allowed-origin", "https://app.example", "--max-connections", "24",
-               "--timeout", "1.5", "--max-queue", "2")  # fmt: skip
+               "--timeout", "1.5", "--max-queue", "2", "--batch-size", "1")  # fmt: skip
     yield s
     s.stop()
 
