@@ -147,6 +147,17 @@ def tiny_q4(tmp_path_factory) -> Path:
     return root / "m"
 
 
+@pytest.fixture(scope="session")
+def serve_folder(tmp_path_factory) -> Path:
+    """The tiny llama the server tests run (a 4k context: room for long answers)."""
+    from ifp_mlx.convert import convert
+
+    root = tmp_path_factory.mktemp("serve")
+    src = make_tiny_hf("llama", root / "hf", seed=21, max_position_embeddings=4096)
+    convert(src, root / "m", progress=False)
+    return root / "m"
+
+
 @pytest.fixture(scope="module")
 def bundled_server(smol_default):
     """ifp-serve on the bundled default model (one per test module)."""

@@ -11,11 +11,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ifp_mlx import load
 from ifp_mlx.batch import Row, step
-from ifp_mlx.convert import convert
 from ifp_mlx.generate import stream_generate
 from ifp_mlx.model import row_masks
 from ifp_mlx.predictors.activation import ActivationPredictor
-from tests.helpers import make_tiny_hf
 from tests.serving import KEY, Server, random_smol_folder
 
 PROMPTS = [[3, 5, 6, 7, 4, 5], [3, 9, 8, 4, 5, 6, 7, 8, 9, 10, 11, 4], [3, 12, 4]]
@@ -28,11 +26,8 @@ SETTINGS = [  # the default's schedule, plain pruning, dense, rescoring without 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch")
-    src = make_tiny_hf("llama", root / "hf", seed=21, max_position_embeddings=4096)
-    convert(src, root / "m", progress=False)
-    return root / "m"
+def folder(serve_folder):
+    return serve_folder
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,13 @@ import time
 
 import pytest
 
-from ifp_mlx.convert import convert
-from tests.helpers import make_tiny_hf
 from tests.serving import KEY, Server
 from tests.serving import error as _error
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    src = make_tiny_hf("llama", root / "hf", seed=21, max_position_embeddings=4096)
-    convert(src, root / "m", progress=False)
-    return root / "m"
+def folder(serve_folder):
+    return serve_folder
 
 
 @pytest.fixture(scope="module")
