@@ -191,7 +191,7 @@ REAL_FIXTURES = {
 
 # The longest test files (measured on 2 cores), started first: ``--dist loadfile`` hands files
 # to the workers in collection order, so a long file collected last would run alone at the end.
-LONGEST_FIRST = ("test_structured", "test_tool_calls", "test_real_gguf", "test_real_parity",
+LONGEST_FIRST = ("test_structured", "test_tool_calls", "test_batch", "test_real_gguf", "test_real_parity",
                  "test_quant", "test_real_runtime", "test_distributed", "test_serve", "test_bench",
                  "test_export", "test_serve_guard", "test_chat", "test_convert_errors")  # fmt: skip
 
