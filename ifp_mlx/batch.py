@@ -20,10 +20,10 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, KVCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, trim_prompt_cache
 
 from .budget import budget_units, is_dense, resolve
-from .generate import IFPResponse, IFPStats, context_length
+from .generate import IFPResponse, IFPStats, context_length, following_predictor
 from .model import row_masks
 
 PREFILL_STEP = 512
@@ -100,18 +100,8 @@ class Row:
         self.y = rest[-1]
 
     def _rescorer(self, choice):
-        """The accumulating activation predictor that follows the answer, or None (as
-        ``generate.Rescorer.make``: only the activation predictor, only a rewindable cache)."""
-        from .predictors.activation import ActivationPredictor
-
-        if not (self.every or self.head):
-            return None
-        pred = choice.predictor
-        if pred == "activation":
-            pred = ActivationPredictor()
-        if not isinstance(pred, ActivationPredictor) or not can_trim_prompt_cache(self.cache):
-            return None
-        return ActivationPredictor(compensate=pred.compensate, accumulate=True)
+        """The predictor that follows the answer, or None (``generate.following_predictor``)."""
+        return following_predictor(choice, self.cache) if self.every or self.head else None
 
     def _select(self, tokens: List[int], keep, predictor):
         sel = self.model.select(tokens, keep, predictor, cache=self.cache, materialize=False)

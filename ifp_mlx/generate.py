@@ -334,6 +334,20 @@ def stream_generate(
         mx.synchronize(generation_stream)
 
 
+def following_predictor(choice, cache: list):
+    """A fresh activation predictor that adds each scoring call to the ones before (scores over
+    prompt + answer so far), or None where selection cannot follow the answer: a predictor
+    that does not read activations, or a cache that cannot be rewound (a rotated window)."""
+    from .predictors.activation import ActivationPredictor
+
+    pred = choice.predictor
+    if pred == "activation":
+        pred = ActivationPredictor()
+    if not isinstance(pred, ActivationPredictor) or not can_trim_prompt_cache(cache):
+        return None
+    return ActivationPredictor(compensate=pred.compensate, accumulate=True)
+
+
 class Rescorer:
     """Selection that follows the answer: every ``every`` generated tokens, one dense pass over
     them (batched: one memory-bound pass per ``every`` tokens) rewrites their KV entries with
@@ -350,15 +364,8 @@ class Rescorer:
     def make(cls, model: nn.Module, choice, every: int, head: int, cache: list):
         """A rescorer for this request, or None where it cannot run: a predictor that does not
         read activations, or a cache that cannot be rewound (a rotated sliding window)."""
-        from .predictors.activation import ActivationPredictor
-
-        pred = choice.predictor
-        if pred == "activation":
-            pred = ActivationPredictor()
-        if not isinstance(pred, ActivationPredictor) or not can_trim_prompt_cache(cache):
-            return None
-        fresh = ActivationPredictor(compensate=pred.compensate, accumulate=True)
-        return cls(model, fresh, choice, every, head, cache)
+        fresh = following_predictor(choice, cache)
+        return None if fresh is None else cls(model, fresh, choice, every, head, cache)
 
     def start(self, tokens: List[int]) -> Selection:
         """Select from the prompt; with a dense head, only score it (the dense model, or with
