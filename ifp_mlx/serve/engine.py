@@ -58,6 +58,7 @@ class Engine:
         self.served = 0  # jobs run
         self.dropped = 0  # jobs whose client left before they ran
         self.running = 0  # answers decoding together (batched)
+        self._batchable: Optional[bool] = None  # the model's cache can join a batch
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self.load_error: Optional[BaseException] = None
@@ -129,7 +130,7 @@ class Engine:
     def _serve_batched(self) -> None:
         """Requests that run at the same time decode together (``ifp_mlx.batch``): up to
         ``batch_size`` answers, each on its own units, one pass per token for all of them. A
-        request joins at the next token; one that must run alone (``Turn.batchable``) waits
+        request joins at the next token; one that must run alone (``_alone``) waits
         for the batch to empty, and the requests behind it wait too (arrival order)."""
         from ..batch import step
 
@@ -153,22 +154,20 @@ class Engine:
                     self.dropped += 1
                     self._end(job)
                     continue
-                try:
-                    turn = Turn(self, job)
-                except Exception as e:
-                    waiting.popleft()
-                    self._fail(job, e)
-                    continue
-                if not turn.batchable and rows:
-                    turn.slot.busy = False
+                alone = self._alone(job.request)
+                if alone and rows:
                     break  # it runs alone once the batch is done
                 waiting.popleft()
                 self.served += 1
+                if alone:
+                    self._run_one(job)
+                    continue
                 try:
-                    if not turn.batchable:
-                        self._generate(job, turn)
-                        self._end(job)
-                        continue
+                    turn = Turn(self, job)
+                except Exception as e:
+                    self._fail(job, e)
+                    continue
+                try:
                     row = turn.row()
                     row.start(alone=not rows)
                     rows.append((turn, row))
@@ -194,12 +193,31 @@ class Engine:
                     rows.remove((turn, row))
                     self._finish(turn, row.sel)
 
+    def _alone(self, request: Request) -> bool:
+        """Whether a request must decode alone: a seeded sampled answer (its random draws must
+        not interleave with another's), or a model whose cache is a rotating window."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from ..batch import batchable
+
+        if self._batchable is None:
+            self._batchable = batchable(make_prompt_cache(self.model))
+        return (request.seed is not None and request.temperature > 0) or not self._batchable
+
+    def _run_one(self, job) -> None:
+        """``job`` by itself, through ``stream_generate`` (the FIFO path)."""
+        try:
+            self._generate(job)
+        except Exception as e:
+            self._fail(job, e, end=False)
+        self._end(job)
+
     def _finish(self, turn: "Turn", selection) -> None:
         """A batched answer is over: its conversation keeps its cache and units; the client
         hears the end (or the failure of the pass)."""
         try:
             turn.commit(selection)
-            if getattr(turn, "failed", None) is not None:
+            if turn.failed is not None:
                 raise turn.failed
             turn.done()
         except Exception as e:
@@ -266,11 +284,11 @@ class Engine:
         out["top_logprobs"] = [entry(int(i)) for i in best]
         return out
 
-    def _generate(self, job: Job, turn: Optional["Turn"] = None) -> None:
+    def _generate(self, job: Job) -> None:
         """``job`` alone: mlx-lm's loop through ``stream_generate``."""
         from ..generate import stream_generate
 
-        turn = turn or Turn(self, job)
+        turn = Turn(self, job)
         r = turn.request
         stream = stream_generate(
             self.model, self.tokenizer, turn.new, keep=r.keep, predictor=r.predictor,
@@ -346,16 +364,8 @@ class Turn:
         self.scored, self.spans, self.told = [], [], 0  # logprobs: entries, spans in text, sent
         self.stats = None
         self.batch = 1  # the most answers it decoded beside (itself included)
+        self.failed: Optional[BaseException] = None  # the batched pass it was in failed
         self.tic = time.perf_counter()
-
-    @property
-    def batchable(self) -> bool:
-        """Whether it may decode beside other requests: a seeded sampled answer runs alone (its
-        random draws must not interleave with another's), as does a sliding-window cache."""
-        from ..batch import batchable
-
-        r = self.request
-        return not (r.seed is not None and r.temperature > 0) and batchable(self.slot.cache.cache)
 
     def row(self):
         """This request as a row of a batch (``ifp_mlx.batch.Row``)."""
