@@ -56,6 +56,7 @@ class Row:
         self.detok.reset()
         self.stats = IFPStats(prompt_tokens=len(tokens), store=model.ffn_store)
         self.n, self.finish, self.y = 0, None, None
+        self.tic = self.t_first = time.perf_counter()  # start(); the first token
         self.pred = None  # the accumulating predictor of a rescoring row
         self._terms = None
 
@@ -144,7 +145,7 @@ class Row:
         return resp
 
     def _response(self, token: int, logprobs: mx.array) -> IFPResponse:
-        s, dt = self.stats, time.perf_counter() - getattr(self, "t_first", time.perf_counter())
+        s, dt = self.stats, time.perf_counter() - self.t_first
         s.generation_tokens = self.n
         s.generation_tps = (self.n - 1) / dt if dt > 0 else 0.0
         s.prompt_tps = len(self.tokens) / (s.ttft_ms / 1e3) if s.ttft_ms else 0.0
@@ -187,7 +188,8 @@ def _install(model: nn.Module, rows: List[Row], alone: bool) -> bool:
             model.apply_selection(sel)
             rows[0].stats.materialize_ms += sel.materialize_ms
         return False
-    model.dense()  # memory: the resident layers again; flash: read once while it stays dense
+    if model.__dict__.get("_ifp_state") != "dense":  # flash: read once, kept while dense
+        model.dense()
     return any(r.sel is not None for r in rows)
 
 
@@ -199,18 +201,30 @@ def _stacked(parts: list, size: int, fill: float) -> Optional[mx.array]:
     return mx.stack([mx.full((size,), fill, ref.dtype) if p is None else p for p in parts])[:, None]
 
 
+_TERMS: dict = {}  # the last batch's stacked masks and biases, by its rows and their units
+
+
+def _batch_terms(model: nn.Module, rows: List[Row]):
+    """Per layer, the rows' masks and biases stacked (rows, 1, ·): built when the batch or a
+    row's units change (a row joins, leaves or reselects), not on every token."""
+    key = tuple((id(r), id(r.sel)) for r in rows)
+    if _TERMS.get("key") != key:
+        terms = [r.terms() for r in rows]
+        hidden = next((d.shape[-1] for _, ds in terms for d in ds if d is not None), 0)
+        masks = [_stacked([t[0][i] for t in terms], n, 1.0) for i, n in enumerate(model.ffn_units)]
+        deltas = [_stacked([t[1][i] for t in terms], hidden, 0.0) for i in range(len(masks))]
+        _TERMS.clear()
+        # the rows and selections stay referenced, so the ids in the key stay theirs
+        _TERMS.update(key=key, held=[(r, r.sel) for r in rows], masks=masks, deltas=deltas)
+    return _TERMS["masks"], _TERMS["deltas"]
+
+
 def forward(rows: List[Row], inputs: List[List[int]], alone: bool) -> mx.array:
     """One pass of ``rows`` over ``inputs`` (one row: any length, chunked; several rows: one
     token each), each on its own units; the logits of each row's last input (rows, vocab)."""
     model = rows[0].model
     masked = _install(model, rows, alone)
-    masks, deltas = [None] * len(model.ffn_units), [None] * len(model.ffn_units)
-    if masked:
-        terms = [r.terms() for r in rows]
-        hidden = next((d.shape[-1] for m, ds in terms for d in ds if d is not None), 0)
-        for layer, units in enumerate(model.ffn_units):
-            masks[layer] = _stacked([t[0][layer] for t in terms], units, 1.0)
-            deltas[layer] = _stacked([t[1][layer] for t in terms], hidden, 0.0)
+    masks, deltas = _batch_terms(model, rows) if masked else ([None] * len(model.ffn_units),) * 2
     with row_masks(model, masks, deltas):
         if len(rows) == 1:
             row, tokens, logits = rows[0], inputs[0], None

@@ -267,7 +267,9 @@ class row_masks:
     every unit / adds nothing)."""
 
     def __init__(self, model: nn.Module, masks: list, deltas: list):
-        self.ffns = [m for _, m in find_ffns(model)]
+        # A loaded model's FFN list (no module walk per decoded token), else found here.
+        mlps = model.__dict__.get("_ifp_mlps")
+        self.ffns = mlps if mlps is not None else [m for _, m in find_ffns(model)]
         self.masks, self.deltas = masks, deltas
 
     def __enter__(self):

@@ -951,7 +951,7 @@ BATCH = [  # answers decoding together (ifp_mlx.batch, ifp-serve --batch-size)
         "ifp_mlx/serve/slots.py",
         "            if slot.busy:",
         "            if False:",
-        ["tests/test_batch.py", "-k", "twice"],
+        ["tests/test_batch.py", "-k", "twice or handed_out"],
         "two answers at once write one conversation's cache",
     ),
     M(

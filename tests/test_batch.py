@@ -304,3 +304,19 @@ def test_bench_throughput_compares_fifo_and_batched(folder, tmp_path):
     assert all(row["same_as_fifo"] == 1.0 and row["tokens"] > 0 for row in r["rows"])
     assert r["model"] == folder.name and str(tmp_path) not in out.read_text()
     assert "vs FIFO" in res.stdout
+
+
+def test_a_conversation_being_written_is_never_handed_out_twice(model):
+    """``Slots.take``: a conversation whose answer is being written is not continued by a
+    second request at the same time (it starts anew); once written, it is continued."""
+    from ifp_mlx.serve.slots import Slots
+
+    slots = Slots(model[0])
+    first = slots.take([3, 5, 6])
+    first.cache.tokens, first.prompt = [3, 5, 6, 7], 3  # its answer so far
+    assert first.busy
+    second = slots.take([3, 5, 6, 7, 8])
+    assert second is not first and second.busy
+    first.busy = False
+    second.busy = False
+    assert slots.take([3, 5, 6, 7, 8]) is first

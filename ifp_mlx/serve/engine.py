@@ -2,9 +2,10 @@
 ``--batch-size 1`` it runs ``stream_generate``, unchanged, for each request in arrival order;
 with more, requests that arrive while others run decode together (``ifp_mlx.batch``: one pass
 per token for all, each on its own units). Waiting requests form a bounded FIFO queue (full:
-429 + Retry-After); a request whose client left while it waited is dropped before it runs. The last conversation's KV cache is kept: a request that resends it
-plus a new message feeds only the new tokens, and under ``policy: "first-turn"`` also keeps
-the units it selected."""
+429 + Retry-After); a request whose client left while it waited is dropped before it runs.
+Conversations keep their KV caches (``Slots``): a request that resends one plus a new message
+feeds only the new tokens, and under ``policy: "first-turn"`` also keeps the units it
+selected."""
 
 import asyncio
 import collections
@@ -171,8 +172,8 @@ class Engine:
                     row = turn.row()
                     row.start(alone=not rows)
                     rows.append((turn, row))
-                except Exception as e:
-                    turn.commit(None)
+                except Exception as e:  # its prompt may be part-prefilled
+                    turn.discard()
                     self._fail(job, e)
             self.running = len(rows)
             if not rows:
@@ -216,9 +217,10 @@ class Engine:
         """A batched answer is over: its conversation keeps its cache and units; the client
         hears the end (or the failure of the pass)."""
         try:
-            turn.commit(selection)
-            if turn.failed is not None:
+            if turn.failed is not None:  # its cache may be part-written: the conversation restarts
+                turn.discard()
                 raise turn.failed
+            turn.commit(selection)
             turn.done()
         except Exception as e:
             self._fail(turn.job, e, end=False)
@@ -418,6 +420,14 @@ class Turn:
         slot.busy = False
         slot.cache.commit(self.full, self.generated, self.started)
         slot.selection = selection if self.started else slot.selection
+        self.engine.slots.trim()
+
+    def discard(self) -> None:
+        """Forget the conversation's cache and units (a failed pass may have written some
+        layers' caches and not others); its next request starts anew."""
+        slot = self.slot
+        slot.busy, slot.prompt, slot.selection = False, 0, None
+        slot.cache.reset()
         self.engine.slots.trim()
 
     def done(self) -> None:
